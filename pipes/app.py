@@ -1,0 +1,261 @@
+"""The user API: App, its topics, and the source/transform/sink decorators.
+
+Decorators only record node definitions; :meth:`App.build` validates them and
+returns the frozen :class:`~pipes.topology.Graph`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import ConfigError
+from .message import Message
+from .serializers import Serializer, resolve
+from .settings import Settings
+from .topology import Graph, Node, TopicSpec, Topology
+
+_ON_ERROR = ("dlq", "stop", "skip")
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A declared topic; pass it (or its name) to ``to=`` and to transforms and sinks."""
+
+    name: str
+    partitions: int | None = None
+    value_serializer: Serializer = field(default_factory=lambda: resolve("json"))
+    key_serializer: Serializer = field(default_factory=lambda: resolve("str"))
+    retention_ms: int | None = None
+    keyed: bool = False
+    replication: int | None = None
+    config: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+TopicRef = Topic | str
+
+
+def _where(fn: Any) -> str:
+    try:
+        code = fn.__code__
+        return f"{code.co_filename}:{code.co_firstlineno}"
+    except AttributeError:
+        return type(fn).__name__
+
+
+def _params(fn: Callable) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _is_message_annotation(ann: Any) -> bool:
+    if ann is Message:
+        return True
+    return isinstance(ann, str) and ann.split(".")[-1] == "Message"
+
+
+class _Builder:
+    """The decorators, shared by App (topology "main") and app.topology(name)."""
+
+    def __init__(self, app: App, topology: str):
+        self._app = app
+        self._topology = topology
+
+    # -- sources ---------------------------------------------------------------
+    def source(self, target: Any = None, *, to: TopicRef | list[TopicRef], name: str | None = None) -> Any:
+        """A source: a function called until it returns None (optionally taking `state`),
+        a (async) generator, a list/tuple (one message per item), a connector object, or any
+        other object (one message)."""
+
+        def record(t: Any) -> Any:
+            node_id = name or getattr(t, "__name__", None) or type(t).__name__.lower()
+            self._app._add(Node(id=node_id, kind="source", topology=self._topology, target=t,
+                                outputs=self._app._topics_of(to, node_id), where=_where(t)))
+            return t
+
+        return record if target is None else record(target)
+
+    # -- transforms ------------------------------------------------------------
+    def transform(self, topic: TopicRef | list[TopicRef], *, to: TopicRef | list[TopicRef] | None = None,
+                  key: str | Callable[[Any], Any] | None = None, name: str | None = None,
+                  on_error: str | None = None) -> Callable[[Callable], Callable]:
+        """A transform from `topic` to `to`: returns one message, None to drop, or yields many."""
+
+        def record(fn: Callable) -> Callable:
+            node_id = name or fn.__name__
+            if to is None:
+                raise ConfigError(f"transform {node_id!r} ({_where(fn)}) has no destination: "
+                                  f"add to='topic' (or a list of topics) to @app.transform(...)")
+            params = _params(fn)
+            if not params:
+                raise ConfigError(f"transform {node_id!r} ({_where(fn)}) takes no parameter: "
+                                  f"it must accept the value (or a pipes.Message) as its first argument")
+            stateful = any(p.name == "state" for p in params[1:])
+            wants_message = _is_message_annotation(params[0].annotation)
+            inputs = self._app._topics_of(topic, node_id)
+            outputs = self._app._topics_of(to, node_id)
+            policy = self._app._policy(on_error, node_id)
+            if key is not None and not (isinstance(key, str) or callable(key)):
+                raise ConfigError(f"transform {node_id!r}: key= takes a field name or a callable, not {key!r}")
+            if stateful and key is not None:
+                # Keyed state is partitioned by key, so re-keying goes through a topic.
+                rekeyed = f"{self._app.name}.{node_id}.rekey"
+                self._app._declare(Topic(rekeyed, keyed=True), internal=True)
+                self._app._add(Node(id=f"{node_id}.rekey", kind="transform", topology=self._topology,
+                                    target=_identity, inputs=inputs, outputs=(rekeyed,), key=key,
+                                    on_error=policy, internal=True, where=_where(fn)))
+                inputs, node_key = (rekeyed,), None
+            else:
+                node_key = key
+            self._app._add(Node(id=node_id, kind="transform", topology=self._topology, target=fn,
+                                inputs=inputs, outputs=outputs, key=node_key, stateful=stateful,
+                                wants_message=wants_message, on_error=policy, where=_where(fn)))
+            return fn
+
+        return record
+
+    # -- sinks -----------------------------------------------------------------
+    def sink(self, topic: TopicRef | list[TopicRef], target: Any = None, *, batch: int | None = None,
+             name: str | None = None, on_error: str | None = None) -> Any:
+        """A sink: a function called per value (or with lists of up to `batch` values), or an
+        object with ``write(batch)`` and optionally ``flush()``, ``open()``, ``close()``."""
+
+        def record(t: Any) -> Any:
+            node_id = name or getattr(t, "__name__", None) or type(t).__name__.lower()
+            is_object = not callable(t) or hasattr(t, "write")
+            if is_object and not hasattr(t, "write"):
+                raise ConfigError(f"sink {node_id!r}: {t!r} is neither a function nor an object with write(batch)")
+            if batch is not None and (not isinstance(batch, int) or batch < 1):
+                raise ConfigError(f"sink {node_id!r}: batch= must be a positive integer, not {batch!r}")
+            params = [] if is_object else _params(t)
+            wants_message = bool(params) and _is_message_annotation(params[0].annotation)
+            self._app._add(Node(id=node_id, kind="sink", topology=self._topology, target=t,
+                                inputs=self._app._topics_of(topic, node_id),
+                                batch=batch if batch is not None else (500 if is_object else None),
+                                wants_message=wants_message, on_error=self._app._policy(on_error, node_id),
+                                where=_where(t)))
+            return t
+
+        return record if target is None else record(target)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+class App(_Builder):
+    """A pipes application: a name, topics, and nodes grouped into topologies.
+
+    ``name`` names consumer groups (``<name>.<topology>``), the data directory
+    (``./.pipes/<name>``) and internal topics. Settings may be given here and are
+    overridden by ``PIPES_*`` environment variables and command-line options.
+    """
+
+    def __init__(self, name: str, **settings: Any):
+        if not name or not isinstance(name, str) or any(c in name for c in "/\\ \0"):
+            raise ConfigError(f"App name {name!r} must be a non-empty string without spaces or slashes")
+        self.name = name
+        try:
+            self.settings = Settings(**settings)
+        except TypeError as e:
+            raise ConfigError(f"App({name!r}): {e}") from None
+        self._topics: dict[str, Topic] = {}
+        self._internal: set[str] = set()
+        self._nodes: dict[str, Node] = {}
+        self._topologies: dict[str, _Builder] = {}
+        super().__init__(self, "main")
+
+    def __repr__(self) -> str:
+        return f"<pipes.App {self.name!r}: {len(self._nodes)} nodes>"
+
+    def topic(self, name: str, *, partitions: int | None = None, value_serializer: str | Serializer = "json",
+              key_serializer: str | Serializer = "str", retention_ms: int | None = None, keyed: bool = False,
+              replication: int | None = None, config: dict[str, str] | None = None) -> Topic:
+        """Declare a topic. Undeclared topics are created on first use with the defaults.
+        ``keyed=True`` says its producers set message keys, so a transform may keep keyed
+        ``state`` over it without ``key=``."""
+        if partitions is not None and (not isinstance(partitions, int) or partitions < 1):
+            raise ConfigError(f"topic {name!r}: partitions= must be a positive integer, not {partitions!r}")
+        t = Topic(name, partitions, resolve(value_serializer, what=f"value serializer of topic {name!r}"),
+                  resolve(key_serializer, what=f"key serializer of topic {name!r}"), retention_ms, keyed,
+                  replication, tuple(sorted((config or {}).items())))
+        return self._declare(t)
+
+    def topology(self, name: str) -> _Builder:
+        """The decorators of another topology: its own consumer group and deployable unit."""
+        if name not in self._topologies:
+            self._topologies[name] = _Builder(self, name)
+        return self._topologies[name]
+
+    # -- recording ---------------------------------------------------------------
+    def _declare(self, topic: Topic, internal: bool = False) -> Topic:
+        old = self._topics.get(topic.name)
+        if old is not None and old != topic and old != Topic(topic.name):
+            raise ConfigError(f"topic {topic.name!r} is declared twice with different settings")
+        self._topics[topic.name] = topic
+        if internal:
+            self._internal.add(topic.name)
+        return topic
+
+    def _topics_of(self, refs: TopicRef | Iterable[TopicRef], node_id: str) -> tuple[str, ...]:
+        items = [refs] if isinstance(refs, (str, Topic)) else list(refs)
+        if not items:
+            raise ConfigError(f"node {node_id!r}: an empty list of topics")
+        names = []
+        for r in items:
+            if isinstance(r, Topic):
+                self._declare(r) if r.name not in self._topics else None
+                names.append(r.name)
+            elif isinstance(r, str) and r:
+                names.append(r)
+            else:
+                raise ConfigError(f"node {node_id!r}: {r!r} is not a topic (use a name or app.topic(...))")
+        return tuple(names)
+
+    def _policy(self, on_error: str | None, node_id: str) -> str:
+        policy = on_error or self.settings.on_error
+        if policy not in _ON_ERROR:
+            raise ConfigError(f"node {node_id!r}: on_error={policy!r}; use one of {', '.join(_ON_ERROR)}")
+        return policy
+
+    def _add(self, node: Node) -> None:
+        if node.id in self._nodes:
+            other = self._nodes[node.id]
+            raise ConfigError(f"two nodes are named {node.id!r} ({other.where} and {node.where}): "
+                              f"rename a function or pass name='...' to its decorator")
+        self._nodes[node.id] = node
+
+    # -- freezing ----------------------------------------------------------------
+    def build(self, settings: Settings | None = None) -> Graph:
+        """Validate the recorded nodes and freeze them into a Graph."""
+        s = settings or self.settings
+        nodes = list(self._nodes.values())
+        if not nodes:
+            raise ConfigError(f"app {self.name!r} has no sources, transforms or sinks")
+        names = {t for n in nodes for t in n.inputs + n.outputs}
+        topics = {}
+        for name in sorted(names | set(self._topics)):
+            t = self._topics.get(name) or Topic(name)
+            topics[name] = TopicSpec(name, t.partitions or s.partitions, t.value_serializer, t.key_serializer,
+                                     t.retention_ms if t.retention_ms is not None else s.retention_ms,
+                                     t.keyed, name in self._internal, t.replication, t.config)
+        keyed = {t for t, spec in topics.items() if spec.keyed}
+        keyed |= {t for n in nodes if n.key is not None for t in n.outputs}
+        for n in nodes:
+            unkeyed = [t for t in n.inputs if t not in keyed]
+            if n.stateful and unkeyed:
+                raise ConfigError(
+                    f"transform {n.id!r} ({n.where}) takes `state`, which is kept per message key, but its "
+                    f"input {unkeyed[0]!r} is not keyed: add key='field' or key=callable to @app.transform(...), "
+                    f"or declare app.topic({unkeyed[0]!r}, keyed=True) if its producers set message keys")
+        by_topology: dict[str, list[Node]] = {}
+        for n in nodes:
+            by_topology.setdefault(n.topology, []).append(n)
+        topologies = {name: Topology(self.name, name, tuple(ns)) for name, ns in by_topology.items()}
+        return Graph(self.name, topics, topologies)

@@ -1,0 +1,87 @@
+"""The broker seam: what the runtime needs from memory://, local:// and kafka://.
+
+The runtime never asks which broker it has. A broker
+
+* creates topics (:meth:`Broker.open`, :meth:`Broker.partitions`),
+* hands out consumers that poll batches of records per topic-partition, and
+* makes a checkpoint (:class:`Changes`) durable in :meth:`Broker.commit`, in the
+  order its guarantees need (one atomic RocksDB write batch on local://).
+
+Keyed state and source checkpoints are read from ``broker.store``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+from ..settings import Settings
+from ..store import Store
+from ..topology import TopicSpec
+
+# A record as consumers see it: (offset, key, value, headers, timestamp_ms).
+# Headers are a tuple of (name, bytes) pairs or None. Tuples, because the hot loop reads them.
+Polled = tuple[int, bytes | None, bytes, tuple | None, int]
+# An output waiting for the checkpoint: (key, value, headers, timestamp_ms).
+Output = tuple[bytes | None, bytes, tuple | None, int]
+
+
+@dataclass(slots=True)
+class Changes:
+    """Everything one checkpoint makes durable, all or nothing."""
+
+    records: dict[tuple[str, int], list[Output]] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to process
+    state: dict[bytes, bytes | None] = field(default_factory=dict)  # store key -> value (None deletes)
+    sources: dict[str, bytes] = field(default_factory=dict)  # source node id -> checkpoint
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.offsets or self.state or self.sources)
+
+
+class Consumer(Protocol):
+    def assignment(self) -> list[tuple[str, int]]: ...
+    async def poll(self, max_records: int, timeout: float) -> list[tuple[str, int, list[Polled]]]: ...
+    def wake(self) -> None: ...
+    def caught_up(self) -> bool: ...
+    def lag(self) -> dict[tuple[str, int], int]: ...
+    async def close(self) -> None: ...
+
+
+class Broker(Protocol):
+    url: str
+    store: Store
+
+    async def open(self, topics: Sequence[TopicSpec]) -> None: ...
+    async def close(self) -> None: ...
+    def partitions(self, topic: str) -> int: ...
+    def consumer(self, group: str, topics: Sequence[str]) -> Consumer: ...
+    async def commit(self, group: str, changes: Changes) -> None: ...
+
+
+def data_dir(app_name: str, settings: Settings) -> str:
+    """Where a worker keeps its RocksDB database."""
+    url = urlsplit(settings.broker)
+    if url.scheme == "local" and (url.netloc or url.path):
+        return os.path.abspath(url.netloc + url.path)
+    return os.path.abspath(settings.data_dir or os.path.join(".pipes", app_name))
+
+
+def connect(app_name: str, settings: Settings, *, read_only: bool = False) -> Broker:
+    """The broker a URL names: local://[DIR], memory://, kafka://host:port[,host:port]."""
+    scheme = urlsplit(settings.broker).scheme
+    if scheme in ("local", "memory"):
+        from .local import LocalBroker
+
+        path = None if scheme == "memory" else data_dir(app_name, settings)
+        return LocalBroker(path, settings, read_only=read_only, url=settings.broker)
+    if scheme == "kafka":
+        try:
+            from .kafka import KafkaBroker
+        except ImportError:
+            raise ConfigError("kafka:// is not available in this version of pipes yet") from None
+        return KafkaBroker(app_name, settings, read_only=read_only)
+    raise ConfigError(f"unknown broker URL {settings.broker!r}: use local://[DIR], memory:// or kafka://host:port")

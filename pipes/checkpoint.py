@@ -1,0 +1,111 @@
+"""The checkpoint: what one topology has done since the last one, made durable in one order.
+
+Between checkpoints, nodes append encoded outputs to :meth:`Checkpoint.buffer`, the
+runner records processed offsets, stateful nodes mutate their tables, and sources
+advance. :meth:`Checkpoint.commit` then, in this order:
+
+1. flushes sinks (external sinks receive data before the checkpoint that covers it);
+2. collects outputs (partitioned), processed offsets, touched keyed state and source
+   checkpoints into one :class:`~pipes.brokers.Changes`;
+3. hands it to the broker, which makes it durable: one atomic RocksDB write batch on
+   local:// and memory://; on Kafka, produce outputs and changelogs, wait for acks,
+   write state and offsets to RocksDB, commit consumer offsets.
+
+If anything fails before step 3 completes, nothing of this checkpoint is durable and a
+restart resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Protocol
+
+from .brokers import Broker, Changes
+from .partitioner import split
+
+
+class Flushable(Protocol):
+    async def flush(self, ckpt: "Checkpoint") -> None: ...
+
+
+class Snapshotting(Protocol):
+    def snapshot(self, into: dict[str, bytes]) -> None: ...
+
+
+class Checkpoint:
+    def __init__(self, broker: Broker, group: str, *, commit_interval: float, commit_every: int):
+        self.broker = broker
+        self.group = group
+        self.commit_interval = commit_interval
+        self.commit_every = commit_every
+        self.sinks: list[Flushable] = []
+        self.tables: list[Any] = []  # StateTable
+        self.sources: list[Snapshotting] = []
+        self.on_commit: list[Callable[[], Any]] = []
+        self.wake: Callable[[], None] = lambda: None
+        self.commits = 0
+        self.committed_messages = 0
+        self._committed = asyncio.Event()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.outputs: dict[str, list] = {}
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.count = 0  # messages consumed or produced since the last checkpoint
+        self.started = time.monotonic()
+
+    def buffer(self, topic: str) -> list:
+        """The list outputs to `topic` are appended to until the next checkpoint."""
+        buf = self.outputs.get(topic)
+        if buf is None:
+            buf = self.outputs[topic] = []
+        return buf
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.count or self.offsets or any(self.outputs.values()))
+
+    def due(self, *, backlog: bool) -> bool:
+        """Commit now? Yes once there is something to commit and the input is drained
+        (so a lone message is not held), or enough messages or time have gone by."""
+        if not self.pending:
+            return False
+        return (not backlog or self.count >= self.commit_every
+                or time.monotonic() - self.started >= self.commit_interval)
+
+    async def room(self) -> None:
+        """Sources wait here while a full checkpoint's worth of outputs is pending."""
+        while self.count >= self.commit_every:
+            self.wake()
+            await self._committed.wait()
+
+    async def commit(self) -> None:
+        for sink in self.sinks:
+            await sink.flush(self)
+        changes = Changes(offsets=self.offsets)
+        broker = self.broker
+        for topic, outputs in self.outputs.items():
+            if not outputs:
+                continue
+            n = broker.partitions(topic)
+            if n == 1:
+                changes.records[(topic, 0)] = outputs
+            else:
+                for p, part in enumerate(split(outputs, n)):
+                    if part:
+                        changes.records[(topic, p)] = part
+        for table in self.tables:
+            table.drain(changes.state)
+        for source in self.sources:
+            source.snapshot(changes.sources)
+        count = self.count
+        self._reset()
+        if changes:
+            await broker.commit(self.group, changes)
+        self.commits += 1
+        self.committed_messages += count
+        for hook in self.on_commit:
+            hook()
+        committed, self._committed = self._committed, asyncio.Event()
+        committed.set()

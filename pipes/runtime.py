@@ -1,0 +1,210 @@
+"""Running topologies: one asyncio loop, micro-batches in and out, checkpoints.
+
+A :class:`TopologyRunner` owns one topology's consumer, nodes, sources and checkpoint.
+Its loop polls a batch, runs every node reading each polled partition, records the
+processed offsets, and commits when the checkpoint is due. :func:`run` runs several
+runners on one broker until they are stopped, fail, or (``until_done``) have nothing
+left to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+from .brokers import Broker, connect
+from .checkpoint import Checkpoint
+from .errors import ProcessingError
+from .nodes import Sink, Transform
+from .settings import Settings
+from .sources import Source
+from .state import StateTable
+from .topology import Graph, Topology
+
+log = logging.getLogger("pipes")
+
+
+class TopologyRunner:
+    def __init__(self, topology: Topology, graph: Graph, broker: Broker, settings: Settings):
+        self.topology = topology
+        self.broker = broker
+        self.settings = settings
+        self.ckpt = Checkpoint(broker, topology.group, commit_interval=settings.commit_interval,
+                               commit_every=settings.commit_every)
+        self.tables = {n.id: StateTable(broker.store, n.id) for n in topology.nodes if n.stateful}
+        self.transforms = [Transform(n, graph, self.tables.get(n.id))
+                           for n in topology.nodes if n.kind == "transform"]
+        self.sinks = [Sink(n, graph) for n in topology.nodes if n.kind == "sink"]
+        self.sources = [Source(n, graph, broker.store) for n in topology.sources]
+        self.by_topic: dict[str, list] = {}
+        for proc in [*self.transforms, *self.sinks]:
+            for t in proc.node.inputs:
+                self.by_topic.setdefault(t, []).append(proc)
+        self.ckpt.tables = list(self.tables.values())
+        self.ckpt.sinks = self.sinks
+        self.ckpt.sources = self.sources
+        self.consumer = None
+        self.busy = False
+        self.stopping = False
+        self.processed = 0
+        self._source_tasks: list[asyncio.Task] = []
+
+    def idle(self) -> bool:
+        """Nothing running, nothing pending, every source finished, every input consumed."""
+        return (not self.busy and not self.ckpt.pending and all(s.done for s in self.sources)
+                and (self.consumer is None or self.consumer.caught_up()))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.ckpt.wake()
+
+    async def run(self) -> None:
+        topics = list(self.by_topic)
+        self.consumer = self.broker.consumer(self.topology.group, topics) if topics else None
+        wake_event = asyncio.Event()
+        self.ckpt.wake = self.consumer.wake if self.consumer else wake_event.set
+        for sink in self.sinks:
+            await sink.open()
+        self._source_tasks = [asyncio.create_task(s.run(self.ckpt), name=f"source {s.id}") for s in self.sources]
+        try:
+            await self._loop(wake_event)
+            await self._stop_sources()
+            await self.ckpt.commit()
+        except BaseException:
+            await self._stop_sources()
+            raise
+        finally:
+            for sink in self.sinks:
+                await sink.close()
+            if self.consumer is not None:
+                await self.consumer.close()
+
+    async def _loop(self, wake_event: asyncio.Event) -> None:
+        ckpt = self.ckpt
+        consumer = self.consumer
+        max_records = self.settings.poll_records
+        by_topic = self.by_topic
+        while not self.stopping:
+            timeout = 0.0 if ckpt.pending else self.settings.commit_interval
+            if consumer is not None:
+                polled = await consumer.poll(max_records, timeout)
+            else:
+                polled = []
+                if timeout:
+                    try:
+                        await asyncio.wait_for(wake_event.wait(), timeout)
+                    except TimeoutError:
+                        pass
+                    wake_event.clear()
+                else:
+                    await asyncio.sleep(0)
+            self._check_sources()
+            n = 0
+            self.busy = True
+            try:
+                for topic, partition, records in polled:
+                    for proc in by_topic[topic]:
+                        await proc.process(topic, partition, records, ckpt)
+                    ckpt.offsets[(topic, partition)] = records[-1][0] + 1
+                    n += len(records)
+            finally:
+                self.busy = False
+            ckpt.count += n
+            self.processed += n
+            if ckpt.due(backlog=n >= max_records):
+                await ckpt.commit()
+
+    def _check_sources(self) -> None:
+        for task in self._source_tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    async def _stop_sources(self) -> None:
+        for task in self._source_tasks:
+            task.cancel()
+        for task in self._source_tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def summary(self) -> list[str]:
+        lines = []
+        for s in self.sources:
+            lines.append(f"source {s.id!r}: {s.produced} produced" + (" (finished)" if s.done else ""))
+        for proc in [*self.transforms, *self.sinks]:
+            text = proc.failures.summary()
+            if text:
+                lines.append(text)
+        return lines
+
+
+@dataclass
+class Report:
+    """What a worker did in this process."""
+
+    processed: int = 0  # messages consumed by transforms and sinks
+    produced: int = 0  # messages produced by sources
+    commits: int = 0
+    seconds: float = 0.0
+    lines: list[str] = field(default_factory=list)
+
+
+async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None = None, until_done: bool = False,
+              broker: Broker | None = None, install_signals: bool = False) -> Report:
+    """Run the selected topologies until stopped (SIGINT/SIGTERM when `install_signals`),
+    until a node fails, or with `until_done` until sources are exhausted and every
+    input topic is consumed."""
+    own_broker = broker is None
+    broker = broker or connect(graph.app, settings)
+    started = time.monotonic()
+    try:
+        await broker.open(list(graph.topics.values()))
+        runners = [TopologyRunner(t, graph, broker, settings) for t in graph.select(topologies)]
+        tasks = [asyncio.create_task(r.run(), name=f"topology {r.topology.name}") for r in runners]
+        stop = asyncio.Event()
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        watchers = [asyncio.create_task(stop.wait())]
+        if until_done:
+            watchers.append(asyncio.create_task(_until_idle(runners)))
+        try:
+            done, _ = await asyncio.wait([*tasks, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            for r in runners:
+                r.stop()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for w in watchers:
+                w.cancel()
+            if install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    asyncio.get_running_loop().remove_signal_handler(sig)
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            raise errors[0]
+        report = Report(seconds=time.monotonic() - started)
+        for r in runners:
+            report.processed += r.processed
+            report.produced += sum(s.produced for s in r.sources)
+            report.commits += r.ckpt.commits
+            report.lines += r.summary()
+        return report
+    finally:
+        if own_broker:
+            await broker.close()
+
+
+async def _until_idle(runners: list[TopologyRunner]) -> None:
+    """Returns once every runner has been idle twice in a row, one loop turn apart."""
+    quiet = 0
+    while quiet < 2:
+        await asyncio.sleep(0.01 if quiet else 0.02)
+        quiet = quiet + 1 if all(r.idle() for r in runners) else 0
+
+
+__all__ = ["run", "Report", "TopologyRunner", "ProcessingError"]

@@ -1,0 +1,44 @@
+"""All settings in one frozen dataclass; each has a PIPES_* environment variable."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    broker: str = "local://"  # local://[DIR], memory://, kafka://host:port,...
+    data_dir: str | None = None  # default ./.pipes/<app name>
+    commit_interval: float = 1.0  # seconds between checkpoints at most
+    commit_every: int = 10_000  # messages between checkpoints at most
+    partitions: int = 1  # default partition count of topics the app creates
+    on_error: str = "dlq"  # dlq | stop | skip, for nodes that do not set their own
+    retention_ms: int | None = None  # default topic log retention on local:// (None: keep all)
+    poll_records: int = 5_000  # records fetched per poll
+    log_level: str = "INFO"
+
+    def with_env(self, environ: dict[str, str] | None = None) -> Settings:
+        """Settings overridden by PIPES_<NAME> environment variables."""
+        env = os.environ if environ is None else environ
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            raw = env.get(f"PIPES_{f.name.upper()}")
+            if raw is not None:
+                changes[f.name] = _parse(f.type, raw)
+        return replace(self, **changes)
+
+    def override(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _parse(kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    if raw == "" and "None" in kind:
+        return None
+    return raw

@@ -1,0 +1,181 @@
+"""Sources: user functions, generators, sequences and connector objects, run until
+exhausted, with a checkpoint that is committed atomically with what they produced.
+
+What a source's checkpoint holds, and so how it resumes after a restart:
+
+* a function called until it returns None: its ``state`` dict (if it takes one);
+* a (async) generator function taking ``state``: that dict; without ``state``: how
+  many items it had produced, which are skipped when it is started again (so a
+  deterministic generator resumes exactly);
+* a list or tuple: the index of the next item; any other object: whether it was sent;
+* a connector (an object with ``checkpoint()`` and ``restore(state)``): what its
+  ``checkpoint()`` returns, given back to ``restore()``.
+
+A source that finished stays finished: a restarted worker does not run it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import pickle
+import time
+from typing import Any
+
+from .emit import Emitter
+from .errors import ProcessingError
+from .store import Store
+from .topology import Graph, Node
+
+log = logging.getLogger("pipes")
+_BATCH = 1000  # items produced between yields to the event loop
+
+
+def is_connector(target: Any) -> bool:
+    return hasattr(target, "checkpoint") and hasattr(target, "restore") and (
+        hasattr(target, "__aiter__") or hasattr(target, "read"))
+
+
+class Source:
+    def __init__(self, node: Node, graph: Graph, store: Store):
+        self.node = node
+        self.id = node.id
+        self.emitter = Emitter(node, graph)
+        raw = store.get("sources", node.id.encode())
+        saved = pickle.loads(raw) if raw is not None else {}
+        self.state: dict = saved.get("state", {})
+        self.count: int = saved.get("count", 0)
+        self.done: bool = saved.get("done", False)
+        self.produced = 0  # by this process
+        self._changed = False
+        # An async source can be suspended halfway through a call, its state already changed
+        # for an item not yet emitted; it is then checkpointed as of its last emitted item.
+        self._consistent: bytes | None = None
+
+    def _payload(self) -> bytes:
+        target = self.node.target
+        state = target.checkpoint() if is_connector(target) else self.state
+        return pickle.dumps({"state": state, "count": self.count, "done": self.done}, protocol=5)
+
+    def snapshot(self, into: dict[str, bytes]) -> None:
+        if self._changed:
+            self._changed = False
+            into[self.id] = self._consistent if self._consistent is not None else self._payload()
+
+    async def run(self, ckpt: Any) -> None:
+        if self.done:
+            return
+        try:
+            await self._run(ckpt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise ProcessingError(f"source {self.id!r} ({self.node.where}) failed: {type(e).__name__}: {e}") from e
+        self.done = self._changed = True
+        self._consistent = None
+        ckpt.wake()
+
+    async def _run(self, ckpt: Any) -> None:
+        target = self.node.target
+        takes_state = _takes_state(target)
+        if is_connector(target):
+            target.restore(self.state) if self.state else None
+            await self._drain(ckpt, _connector_items(target))
+        elif inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
+            items = target(self.state) if takes_state else target()
+            await self._drain(ckpt, items, skip=0 if takes_state else self.count)
+        elif callable(target):
+            await self._call_until_none(ckpt, target, takes_state)
+        elif isinstance(target, (list, tuple)):
+            await self._drain(ckpt, iter(target), skip=self.count)
+        else:
+            await self._drain(ckpt, iter([target]), skip=self.count)
+
+    async def _drain(self, ckpt: Any, items: Any, skip: int = 0) -> None:
+        """Emit every item of a (async) iterator, skipping the first `skip`."""
+        is_async = hasattr(items, "__anext__")
+        emit = self.emitter.encode
+        if is_async:
+            self._consistent = self._payload()
+        while True:
+            bufs = self.emitter.buffers(ckpt)
+            n = 0
+            now = int(time.time() * 1000)
+            while n < _BATCH:
+                try:
+                    item = await anext(items) if is_async else next(items)
+                except (StopIteration, StopAsyncIteration):
+                    self._emitted(n, ckpt)
+                    return
+                self.count += 1
+                if skip:
+                    skip -= 1
+                    continue
+                if item is not None:
+                    emit(item, None, None, now, bufs, ckpt)
+                    n += 1
+                if is_async:
+                    # An async source may wait for data: let the checkpoint see what it has.
+                    self._consistent = self._payload()
+                    self._emitted(n, ckpt)
+                    n = 0
+                    bufs = self.emitter.buffers(ckpt)
+                    await ckpt.room()
+            self._emitted(n, ckpt)
+            await asyncio.sleep(0)
+            await ckpt.room()
+
+    async def _call_until_none(self, ckpt: Any, fn: Any, takes_state: bool) -> None:
+        state = self.state
+        is_async = inspect.iscoroutinefunction(fn)
+        emit = self.emitter.encode
+        if is_async:
+            self._consistent = self._payload()
+        while True:
+            bufs = self.emitter.buffers(ckpt)
+            now = int(time.time() * 1000)
+            for n in range(_BATCH):
+                result = fn(state) if takes_state else fn()
+                if is_async:
+                    result = await result
+                if result is None:
+                    self._emitted(n, ckpt)
+                    return
+                self.count += 1
+                emit(result, None, None, now, bufs, ckpt)
+                if is_async:
+                    self._consistent = self._payload()
+            self._emitted(_BATCH, ckpt)
+            await asyncio.sleep(0)
+            await ckpt.room()
+
+    def _emitted(self, n: int, ckpt: Any) -> None:
+        self._changed = True
+        if n:
+            self.produced += n
+            ckpt.count += n
+            ckpt.wake()
+
+
+def _takes_state(target: Any) -> bool:
+    if not callable(target) or is_connector(target):
+        return False
+    try:
+        return "state" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+async def _connector_items(target: Any) -> Any:
+    if hasattr(target, "__aiter__"):
+        async for item in target:
+            yield item
+        return
+    while True:
+        item = target.read()
+        if inspect.isawaitable(item):
+            item = await item
+        if item is None:
+            return
+        yield item
