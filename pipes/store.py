@@ -60,6 +60,7 @@ class Store:
                 self._secondary = secondary
                 self.db = rocksdict.Rdict(self.path, _options(False), column_families=cfs,
                                           access_type=rocksdict.AccessType.secondary(secondary))
+                self.db.try_catch_up_with_primary()
             else:
                 self._secondary = None
                 self.db = rocksdict.Rdict(self.path, _options(self.memory), column_families=cfs)

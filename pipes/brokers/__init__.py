@@ -70,9 +70,20 @@ def data_dir(app_name: str, settings: Settings) -> str:
     return os.path.abspath(settings.data_dir or os.path.join(".pipes", app_name))
 
 
+SCHEMES = ("local", "memory", "kafka")
+
+
+def check_url(url: str) -> str:
+    """The URL's scheme, or a ConfigError saying which ones exist."""
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown broker URL {url!r}: use local://[DIR], memory:// or kafka://host:port")
+    return scheme
+
+
 def connect(app_name: str, settings: Settings, *, read_only: bool = False) -> Broker:
     """The broker a URL names: local://[DIR], memory://, kafka://host:port[,host:port]."""
-    scheme = urlsplit(settings.broker).scheme
+    scheme = check_url(settings.broker)
     if scheme in ("local", "memory"):
         from .local import LocalBroker
 
@@ -84,4 +95,3 @@ def connect(app_name: str, settings: Settings, *, read_only: bool = False) -> Br
         except ImportError:
             raise ConfigError("kafka:// is not available in this version of pipes yet") from None
         return KafkaBroker(app_name, settings, read_only=read_only)
-    raise ConfigError(f"unknown broker URL {settings.broker!r}: use local://[DIR], memory:// or kafka://host:port")

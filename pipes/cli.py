@@ -1,0 +1,367 @@
+"""The ``pipes`` command. Every option also reads a ``PIPES_*`` environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pickle
+import shutil
+import sys
+import time
+import traceback
+from typing import Any
+
+import orjson
+
+from .brokers import check_url, connect, data_dir
+from .errors import ConfigError, PipesError, ProcessingError
+from .loader import AppImportError, load_app
+from .settings import Settings
+
+log = logging.getLogger("pipes")
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"PIPES_{name}", default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipes", description="Stream processing with Python functions.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def app_cmd(name: str, help: str, *, app_required: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("-A", "--app", default=_env("APP"), required=app_required and not _env("APP"),
+                       help="module, module:attribute or path/to/file.py [PIPES_APP]")
+        c.add_argument("--broker", default=_env("BROKER"), help="local://[DIR] (default), memory://, kafka://h:p [PIPES_BROKER]")
+        c.add_argument("--data-dir", default=_env("DATA_DIR"), help="where local state lives (default ./.pipes/APP) [PIPES_DATA_DIR]")
+        return c
+
+    w = app_cmd("worker", "Run an app's topologies.")
+    w.add_argument("--topology", action="append", default=_split(_env("TOPOLOGY")),
+                   help="run only this topology (repeatable; default all) [PIPES_TOPOLOGY]")
+    w.add_argument("--until-done", action="store_true", default=_flag("UNTIL_DONE"),
+                   help="exit once every source is exhausted and every topic consumed [PIPES_UNTIL_DONE]")
+    w.add_argument("--on-error", choices=("dlq", "stop", "skip"), default=None,
+                   help="error policy for nodes that set none [PIPES_ON_ERROR]")
+    w.add_argument("--commit-interval", type=float, default=None, help="seconds between checkpoints [PIPES_COMMIT_INTERVAL]")
+    w.add_argument("--commit-every", type=int, default=None, help="messages between checkpoints [PIPES_COMMIT_EVERY]")
+    w.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR [PIPES_LOG_LEVEL]")
+
+    t = app_cmd("topology", "Print an app's topologies.")
+    t.add_argument("--format", choices=("text", "mermaid", "dot"), default=_env("FORMAT", "text"))
+
+    s = app_cmd("send", "Send one message (or one per line of stdin with '-') to a topic.", app_required=False)
+    s.add_argument("topic")
+    s.add_argument("value", help="the value (JSON for json topics), or - to read lines from stdin")
+    s.add_argument("--key", default=None)
+    s.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+
+    tl = app_cmd("tail", "Print a topic's messages, one JSON value per line.", app_required=False)
+    tl.add_argument("topic")
+    tl.add_argument("--from-beginning", action="store_true")
+    tl.add_argument("--exit-at-end", action="store_true", help="stop at the end instead of waiting for more")
+    tl.add_argument("--meta", action="store_true", help="print key, partition, offset, timestamp and headers too")
+
+    st = app_cmd("state", "Print source checkpoints, consumer offsets and keyed state as JSON.")
+    st.add_argument("node", nargs="?")
+    st.add_argument("key", nargs="?")
+
+    r = app_cmd("reset", "Forget offsets, source checkpoints and keyed state, to start over.")
+    r.add_argument("--topology", action="append", default=None, help="reset only this topology (repeatable)")
+    r.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return p
+
+
+def _split(v: str | None) -> list[str] | None:
+    return [x for x in v.split(",") if x] if v else None
+
+
+def _flag(name: str) -> bool:
+    return _env(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def _settings(args: argparse.Namespace, base: Settings) -> Settings:
+    s = base.with_env()
+    return s.override(broker=args.broker, data_dir=args.data_dir,
+                      on_error=getattr(args, "on_error", None),
+                      commit_interval=getattr(args, "commit_interval", None),
+                      commit_every=getattr(args, "commit_every", None),
+                      log_level=getattr(args, "log_level", None))
+
+
+def _app_and_settings(args: argparse.Namespace):
+    app = load_app(args.app)
+    return app, _settings(args, app.settings)
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return asyncio.run(coro, loop_factory=uvloop.new_event_loop)
+
+
+# -- commands ---------------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .runtime import run
+
+    app, settings = _app_and_settings(args)
+    logging.getLogger("pipes").setLevel(settings.log_level.upper())
+    graph = app.build(settings)
+    selected = [t.name for t in graph.select(args.topology)]
+    check_url(settings.broker)
+    where = settings.broker if not settings.broker.startswith("local") else f"local://{data_dir(app.name, settings)}"
+    log.info("worker for app %r, topologies %s, on %s", app.name, ", ".join(selected), where)
+    report = _run_async(run(graph, settings, topologies=selected, until_done=args.until_done, install_signals=True))
+    rate = report.processed / report.seconds if report.seconds else 0
+    if report.processed == 0 and report.produced == 0:
+        log.info("nothing to do: every source had finished and every topic was consumed before this run "
+                 "(resumed from the checkpoint; nothing reprocessed)")
+    log.info("processed %d messages (%.0f msg/s), sources produced %d, %d checkpoints in %.1f s",
+             report.processed, rate, report.produced, report.commits, report.seconds)
+    for line in report.lines:
+        log.info("%s", line)
+    return 0
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from .render import FORMATS
+
+    app, settings = _app_and_settings(args)
+    print(FORMATS[args.format](app.build(settings)))
+    return 0
+
+
+def _broker_for(args: argparse.Namespace, *, read_only: bool):
+    """The broker and topic serializers for commands that may or may not name an app."""
+    if args.app:
+        app, settings = _app_and_settings(args)
+        return app.name, settings, app.build(settings), connect(app.name, settings, read_only=read_only)
+    settings = _settings(args, Settings())
+    if settings.broker.startswith("local") and settings.broker in ("local://", "local:") and not settings.data_dir:
+        raise ConfigError("which app's data? pass -A APP, --data-dir DIR or --broker local://DIR")
+    name = os.path.basename(os.path.normpath(settings.data_dir or "")) or "pipes"
+    return name, settings, None, connect(name, settings, read_only=read_only)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .brokers import Changes
+    from .emit import encode_headers, serializers_of
+
+    _, settings, graph, broker = _broker_for(args, read_only=False)
+    vs, ks = serializers_of(graph, args.topic) if graph else serializers_of_default()
+    lines = [l.rstrip("\n") for l in sys.stdin] if args.value == "-" else [args.value]
+    headers = encode_headers(dict(h.split("=", 1) for h in args.header)) if args.header else None
+
+    async def send() -> int:
+        try:
+            n = broker.partitions(args.topic)
+            outputs = []
+            for line in lines:
+                if not line and args.value == "-":
+                    continue
+                value = _parse_value(line, vs.name)
+                key = ks.dumps(args.key) if args.key is not None else None
+                outputs.append((key, vs.dumps(value), headers, int(time.time() * 1000)))
+            from .partitioner import split
+
+            changes = Changes()
+            for p, part in enumerate(split(outputs, n)):
+                if part:
+                    changes.records[(args.topic, p)] = part
+            await broker.commit("pipes.send", changes)
+            return len(outputs)
+        finally:
+            await broker.close()
+
+    count = _run_async(send())
+    print(f"sent {count} message{'s' if count != 1 else ''} to {args.topic}", file=sys.stderr)
+    return 0
+
+
+def serializers_of_default():
+    from .serializers import resolve
+
+    return resolve("json"), resolve("str")
+
+
+def _parse_value(text: str, serializer: str) -> Any:
+    if serializer in ("json", "msgpack", "pickle"):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            if serializer == "json":
+                raise ConfigError(f"not valid JSON for a json topic: {text[:80]!r} (quote strings: '\"text\"')") from None
+            return text
+    return text
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from .emit import decode_headers, serializers_of
+
+    _, settings, graph, broker = _broker_for(args, read_only=True)
+    if args.topic not in broker.topics():
+        known = ", ".join(sorted(broker.topics())) or "none yet"
+        raise ConfigError(f"no topic {args.topic!r} (topics: {known})")
+    vs, ks = serializers_of(graph, args.topic) if graph else serializers_of_default()
+
+    def show(p: int, rec: tuple) -> None:
+        off, key, raw, headers, ts = rec
+        try:
+            value = vs.loads(raw)
+        except Exception:
+            value = raw.decode(errors="replace")
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if args.meta:
+            value = {"topic": args.topic, "partition": p, "offset": off, "timestamp": ts,
+                     "key": ks.loads(key) if key is not None else None,
+                     "headers": {k: v.decode(errors="replace") for k, v in decode_headers(headers).items()},
+                     "value": value}
+        sys.stdout.buffer.write(orjson.dumps(value, default=str) + b"\n")
+
+    async def tail() -> None:
+        consumer = broker.consumer(None, [args.topic])
+        if not args.from_beginning:
+            for tp in consumer.assignment():
+                consumer.seek(tp, broker.end_offsets(tp[0])[tp[1]])
+        try:
+            while True:
+                polled = await consumer.poll(10_000, 0 if args.exit_at_end else 0.2)
+                for _, p, recs in polled:
+                    for rec in recs:
+                        show(p, rec)
+                sys.stdout.flush()
+                if args.exit_at_end and not polled:
+                    broker.refresh()
+                    if consumer.caught_up():
+                        return
+        finally:
+            await broker.close()
+
+    try:
+        _run_async(tail())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from .emit import serializers_of
+    from .store import state_prefix
+
+    app, settings = _app_and_settings(args)
+    graph = app.build(settings)
+    broker = connect(app.name, settings, read_only=True)
+    store = broker.store
+    try:
+        if args.node:
+            node = graph.node(args.node)
+            out: Any
+            if node.kind == "source":
+                raw = store.get("sources", node.id.encode())
+                out = pickle.loads(raw) if raw else None
+            elif node.stateful:
+                ks = serializers_of(graph, node.inputs[0])[1]
+                out = {}
+                for p in range(max(broker.partitions(t) for t in node.inputs)):
+                    prefix = state_prefix(node.id, p)
+                    for k, v in store.scan("state", prefix):
+                        out[str(ks.loads(k[len(prefix):]))] = pickle.loads(v)
+                if args.key is not None:
+                    out = out.get(args.key)
+            else:
+                raise ConfigError(f"node {node.id!r} is a stateless {node.kind}: it has no state")
+        else:
+            out = {"sources": {}, "offsets": {}, "state": {}}
+            for n in graph.nodes():
+                if n.kind == "source":
+                    raw = store.get("sources", n.id.encode())
+                    out["sources"][n.id] = pickle.loads(raw) if raw else None
+                if n.stateful:
+                    out["state"][n.id] = sum(1 for p in range(max(broker.partitions(t) for t in n.inputs))
+                                             for _ in store.scan("state", state_prefix(n.id, p)))
+            for topo in graph.topologies.values():
+                ends = {}
+                for (topic, p), off in sorted(store.offsets(topo.group).items()):
+                    end = ends.setdefault(topic, broker.end_offsets(topic) if topic in broker.topics() else {})
+                    out["offsets"].setdefault(topo.group, {})[f"{topic}[{p}]"] = {
+                        "offset": off, "end": end.get(p, off), "lag": end.get(p, off) - off}
+            out["state"] = {k: f"{v} keys" for k, v in out["state"].items()}
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=repr).decode())
+    except KeyError as e:
+        raise ConfigError(f"no node {args.node!r} in app {app.name!r}") from e
+    finally:
+        _run_async(broker.close())
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from .store import offset_key, state_prefix
+
+    app, settings = _app_and_settings(args)
+    graph = app.build(settings)
+    topologies = graph.select(args.topology)
+    path = data_dir(app.name, settings)
+    what = (f"the whole embedded database {path} (topics, offsets, checkpoints, state)" if not args.topology
+            else f"offsets, source checkpoints and keyed state of topolog{'ies' if len(topologies) > 1 else 'y'} "
+                 f"{', '.join(t.name for t in topologies)}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"reset would forget {what}; pass --yes to confirm")
+        if input(f"Forget {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing changed")
+            return 1
+    if not args.topology and settings.broker.startswith("local"):
+        broker = connect(app.name, settings)  # fails clearly if a worker holds the data dir
+        _run_async(broker.close())
+        shutil.rmtree(path)
+        print(f"removed {path}")
+        return 0
+    broker = connect(app.name, settings)
+    store = broker.store
+    try:
+        n = 0
+        for topo in topologies:
+            n += store.delete_prefix("offsets", offset_key(topo.group, "", 0)[:-5])
+            for node in topo.nodes:
+                if node.kind == "source":
+                    n += store.delete_prefix("sources", node.id.encode())
+                if node.stateful:
+                    for p in range(max(broker.partitions(t) for t in node.inputs)):
+                        n += store.delete_prefix("state", state_prefix(node.id, p))
+        print(f"forgot {n} entries of {', '.join(t.name for t in topologies)}")
+    finally:
+        _run_async(broker.close())
+    return 0
+
+
+COMMANDS = {"worker": cmd_worker, "topology": cmd_topology, "send": cmd_send, "tail": cmd_tail,
+            "state": cmd_state, "reset": cmd_reset}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="pipes: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except AppImportError as e:
+        traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"pipes: error: {e}", file=sys.stderr)
+        return 2
+    except ProcessingError as e:
+        print(f"pipes: error: {e}", file=sys.stderr)
+        return 1
+    except PipesError as e:
+        print(f"pipes: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
