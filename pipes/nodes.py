@@ -55,6 +55,19 @@ class Transform:
         self.is_async = inspect.iscoroutinefunction(fn)
         self.is_gen = inspect.isgeneratorfunction(fn)
         self.is_agen = inspect.isasyncgenfunction(fn)
+        if node.internal:  # re-keying: values pass through as they are, only keys change
+            self.process = self._rekey
+
+    async def _rekey(self, topic: str, partition: int, records: list[tuple], ckpt: Any) -> None:
+        loads = self.decoder.for_topic(topic)[0]
+        keyfn = self.emitter.keyfn
+        ((_, kdumps, (out,)),) = self.emitter.buffers(ckpt)
+        append = out.append
+        for rec in records:
+            try:
+                append((kdumps(keyfn(loads(rec[2]))), rec[2], rec[3], rec[4]))
+            except Exception as e:
+                self.failures.handle(e, topic, partition, rec, ckpt)
 
     async def process(self, topic: str, partition: int, records: list[tuple], ckpt: Any) -> None:
         loads = self.decoder.for_topic(topic)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import msgpack
@@ -37,11 +38,7 @@ def _bytes_dumps(v: Any) -> bytes:
     raise SerializationError(f"the bytes serializer takes bytes or str, not {type(v).__name__}")
 
 
-_ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
-def _json_dumps(v: Any) -> bytes:
-    return orjson.dumps(v, option=_ORJSON_OPTS)
+_json_dumps = partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 SERIALIZERS: dict[str, Serializer] = {

@@ -25,6 +25,7 @@ from typing import Any
 
 from .emit import Emitter
 from .errors import ProcessingError
+from .message import Message
 from .store import Store
 from .topology import Graph, Node
 
@@ -132,8 +133,12 @@ class Source:
         emit = self.emitter.encode
         if is_async:
             self._consistent = self._payload()
+        plain = self.emitter.keyfn is None and len(self.emitter.groups) == 1 and len(self.emitter.groups[0][2]) == 1
         while True:
             bufs = self.emitter.buffers(ckpt)
+            if plain:
+                vdumps, _, (out,) = bufs[0]
+                append = out.append
             now = int(time.time() * 1000)
             for n in range(_BATCH):
                 result = fn(state) if takes_state else fn()
@@ -143,7 +148,10 @@ class Source:
                     self._emitted(n, ckpt)
                     return
                 self.count += 1
-                emit(result, None, None, now, bufs, ckpt)
+                if plain and type(result) is not Message:
+                    append((None, vdumps(result), None, now))
+                else:
+                    emit(result, None, None, now, bufs, ckpt)
                 if is_async:
                     self._consistent = self._payload()
             self._emitted(_BATCH, ckpt)
