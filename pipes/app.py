@@ -127,8 +127,10 @@ class _Builder:
         object with ``write(batch)`` and optionally ``flush()``, ``open()``, ``close()``."""
 
         def record(t: Any) -> Any:
-            node_id = name or getattr(t, "__name__", None) or type(t).__name__.lower()
             is_object = not callable(t) or hasattr(t, "write")
+            inputs = self._app._topics_of(topic, name or "sink")
+            # An object sink is named after its class and topics: JsonLines on "totals" -> jsonlines.totals
+            node_id = name or (f"{type(t).__name__.lower()}.{'+'.join(inputs)}" if is_object else t.__name__)
             if is_object and not hasattr(t, "write"):
                 raise ConfigError(f"sink {node_id!r}: {t!r} is neither a function nor an object with write(batch)")
             if batch is not None and (not isinstance(batch, int) or batch < 1):
@@ -136,7 +138,7 @@ class _Builder:
             params = [] if is_object else _params(t)
             wants_message = bool(params) and _is_message_annotation(params[0].annotation)
             self._app._add(Node(id=node_id, kind="sink", topology=self._topology, target=t,
-                                inputs=self._app._topics_of(topic, node_id),
+                                inputs=inputs,
                                 batch=batch if batch is not None else (500 if is_object else None),
                                 wants_message=wants_message, on_error=self._app._policy(on_error, node_id),
                                 where=_where(t)))
@@ -228,7 +230,7 @@ class App(_Builder):
         if node.id in self._nodes:
             other = self._nodes[node.id]
             raise ConfigError(f"two nodes are named {node.id!r} ({other.where} and {node.where}): "
-                              f"rename a function or pass name='...' to its decorator")
+                              f"rename a function or pass name='...' to one of them")
         self._nodes[node.id] = node
 
     # -- freezing ----------------------------------------------------------------

@@ -5,9 +5,9 @@ runner records processed offsets, stateful nodes mutate their tables, and source
 advance. :meth:`Checkpoint.commit` then, in this order:
 
 1. flushes sinks (external sinks receive data before the checkpoint that covers it);
-2. collects outputs (partitioned), processed offsets, touched keyed state and source
+2. collects outputs, processed offsets, touched keyed state and source
    checkpoints into one :class:`~pipes.brokers.Changes`;
-3. hands it to the broker, which makes it durable: one atomic RocksDB write batch on
+3. hands it to the broker, which partitions the outputs and makes it all durable: one atomic RocksDB write batch on
    local:// and memory://; on Kafka, produce outputs and changelogs, wait for acks,
    write state and offsets to RocksDB, commit consumer offsets.
 
@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable, Protocol
 
 from .brokers import Broker, Changes
-from .partitioner import split
 
 
 class Flushable(Protocol):
@@ -83,18 +82,7 @@ class Checkpoint:
     async def commit(self) -> None:
         for sink in self.sinks:
             await sink.flush(self)
-        changes = Changes(offsets=self.offsets)
-        broker = self.broker
-        for topic, outputs in self.outputs.items():
-            if not outputs:
-                continue
-            n = broker.partitions(topic)
-            if n == 1:
-                changes.records[(topic, 0)] = outputs
-            else:
-                for p, part in enumerate(split(outputs, n)):
-                    if part:
-                        changes.records[(topic, p)] = part
+        changes = Changes(outputs={t: o for t, o in self.outputs.items() if o}, offsets=self.offsets)
         for table in self.tables:
             table.drain(changes.state)
         for source in self.sources:
@@ -102,7 +90,7 @@ class Checkpoint:
         count = self.count
         self._reset()
         if changes:
-            await broker.commit(self.group, changes)
+            await self.broker.commit(self.group, changes)
         self.commits += 1
         self.committed_messages += count
         for hook in self.on_commit:

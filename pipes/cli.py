@@ -159,7 +159,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     async def send() -> int:
         try:
-            n = broker.partitions(args.topic)
             outputs = []
             for line in lines:
                 if not line and args.value == "-":
@@ -167,13 +166,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 value = _parse_value(line, vs.name)
                 key = ks.dumps(args.key) if args.key is not None else None
                 outputs.append((key, vs.dumps(value), headers, int(time.time() * 1000)))
-            from .partitioner import split
-
-            changes = Changes()
-            for p, part in enumerate(split(outputs, n)):
-                if part:
-                    changes.records[(args.topic, p)] = part
-            await broker.commit("pipes.send", changes)
+            await broker.commit("pipes.send", Changes(outputs={args.topic: outputs}))
             return len(outputs)
         finally:
             await broker.close()

@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .brokers import Broker, connect
+from .brokers import Broker, connect, lease_topic
 from .checkpoint import Checkpoint
 from .errors import ProcessingError
 from .nodes import Sink, Transform
@@ -30,6 +30,7 @@ log = logging.getLogger("pipes")
 class TopologyRunner:
     def __init__(self, topology: Topology, graph: Graph, broker: Broker, settings: Settings):
         self.topology = topology
+        self.graph = graph
         self.broker = broker
         self.settings = settings
         self.ckpt = Checkpoint(broker, topology.group, commit_interval=settings.commit_interval,
@@ -38,41 +39,84 @@ class TopologyRunner:
         self.transforms = [Transform(n, graph, self.tables.get(n.id))
                            for n in topology.nodes if n.kind == "transform"]
         self.sinks = [Sink(n, graph) for n in topology.nodes if n.kind == "sink"]
-        self.sources = [Source(n, graph, broker.store) for n in topology.sources]
+        self.sources: list[Source] = []
+        self.lease = lease_topic(topology) if topology.sources else None
         self.by_topic: dict[str, list] = {}
         for proc in [*self.transforms, *self.sinks]:
             for t in proc.node.inputs:
                 self.by_topic.setdefault(t, []).append(proc)
         self.ckpt.tables = list(self.tables.values())
         self.ckpt.sinks = self.sinks
-        self.ckpt.sources = self.sources
         self.consumer = None
         self.busy = False
         self.stopping = False
         self.processed = 0
+        self.produced = 0
+        # A batch (processing and its checkpoint) and a revocation never interleave.
+        self._lock = asyncio.Lock()
         self._source_tasks: list[asyncio.Task] = []
 
     def idle(self) -> bool:
         """Nothing running, nothing pending, every source finished, every input consumed."""
-        return (not self.busy and not self.ckpt.pending and all(s.done for s in self.sources)
+        sources_done = self.lease is None or (bool(self.sources) and all(s.done for s in self.sources))
+        return (not self.busy and not self.ckpt.pending and sources_done
                 and (self.consumer is None or self.consumer.caught_up()))
 
     def stop(self) -> None:
         self.stopping = True
         self.ckpt.wake()
 
+    # -- partitions come and go -----------------------------------------------------
+    async def assigned(self, tps: list[tuple[str, int]]) -> None:
+        async with self._lock:
+            await self.broker.restore(self.topology, tps)
+            if self.lease is not None and (self.lease, 0) in tps:
+                self._start_sources()
+
+    async def revoked(self, tps: list[tuple[str, int]]) -> None:
+        async with self._lock:
+            if self.lease is not None and (self.lease, 0) in tps:
+                await self._stop_sources()
+            await self.ckpt.commit()
+            for table in self.tables.values():
+                table.forget()
+
+    def _start_sources(self) -> None:
+        self.sources = [Source(n, self.graph, self.broker.store) for n in self.topology.sources]
+        self.ckpt.sources = self.sources
+        self._source_tasks = [asyncio.create_task(s.run(self.ckpt), name=f"source {s.id}") for s in self.sources]
+
+    async def _stop_sources(self) -> None:
+        for task in self._source_tasks:
+            task.cancel()
+        for task in self._source_tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._source_tasks = []
+        self.produced += sum(s.produced for s in self.sources)
+
+    def _check_sources(self) -> None:
+        for task in self._source_tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    # -- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
-        topics = list(self.by_topic)
-        self.consumer = self.broker.consumer(self.topology.group, topics) if topics else None
+        topics = list(self.by_topic) + ([self.lease] if self.lease else [])
+        self.consumer = self.broker.consumer(self.topology.group, topics, self) if topics else None
         wake_event = asyncio.Event()
         self.ckpt.wake = self.consumer.wake if self.consumer else wake_event.set
         for sink in self.sinks:
             await sink.open()
-        self._source_tasks = [asyncio.create_task(s.run(self.ckpt), name=f"source {s.id}") for s in self.sources]
         try:
+            if self.consumer is not None:
+                await self.consumer.start()
             await self._loop(wake_event)
-            await self._stop_sources()
-            await self.ckpt.commit()
+            async with self._lock:
+                await self._stop_sources()
+                await self.ckpt.commit()
         except BaseException:
             await self._stop_sources()
             raise
@@ -102,34 +146,29 @@ class TopologyRunner:
                 else:
                     await asyncio.sleep(0)
             self._check_sources()
-            n = 0
-            self.busy = True
-            try:
-                for topic, partition, records in polled:
-                    for proc in by_topic[topic]:
-                        await proc.process(topic, partition, records, ckpt)
-                    ckpt.offsets[(topic, partition)] = records[-1][0] + 1
-                    n += len(records)
-            finally:
-                self.busy = False
-            ckpt.count += n
-            self.processed += n
-            if ckpt.due(backlog=n >= max_records):
-                await ckpt.commit()
+            async with self._lock:
+                n = await self._process(polled, by_topic, ckpt) if polled else 0
+                ckpt.count += n
+                self.processed += n
+                if ckpt.due(backlog=n >= max_records):
+                    await ckpt.commit()
 
-    def _check_sources(self) -> None:
-        for task in self._source_tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-
-    async def _stop_sources(self) -> None:
-        for task in self._source_tasks:
-            task.cancel()
-        for task in self._source_tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+    async def _process(self, polled: list, by_topic: dict, ckpt: Checkpoint) -> int:
+        # A rebalance may have taken partitions away since they were fetched.
+        owned = set(self.consumer.assignment())
+        n = 0
+        self.busy = True
+        try:
+            for topic, partition, records in polled:
+                if (topic, partition) not in owned:
+                    continue
+                for proc in by_topic.get(topic, ()):
+                    await proc.process(topic, partition, records, ckpt)
+                ckpt.offsets[(topic, partition)] = records[-1][0] + 1
+                n += len(records)
+        finally:
+            self.busy = False
+        return n
 
     def summary(self) -> list[str]:
         lines = []
@@ -162,8 +201,9 @@ async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None 
     broker = broker or connect(graph.app, settings)
     started = time.monotonic()
     try:
-        await broker.open(list(graph.topics.values()))
-        runners = [TopologyRunner(t, graph, broker, settings) for t in graph.select(topologies)]
+        selected = graph.select(topologies)
+        await broker.open(graph, selected)
+        runners = [TopologyRunner(t, graph, broker, settings) for t in selected]
         tasks = [asyncio.create_task(r.run(), name=f"topology {r.topology.name}") for r in runners]
         stop = asyncio.Event()
         if install_signals:
@@ -190,7 +230,7 @@ async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None 
         report = Report(seconds=time.monotonic() - started)
         for r in runners:
             report.processed += r.processed
-            report.produced += sum(s.produced for s in r.sources)
+            report.produced += r.produced
             report.commits += r.ckpt.commits
             report.lines += r.summary()
         return report

@@ -64,7 +64,7 @@ async def run_app_async(app: App, inputs: dict[str, list[Any]] | None = None, *,
     graph = app.build(s)
     broker = LocalBroker(None, s, url="memory://")
     try:
-        await broker.open(list(graph.topics.values()))
+        await broker.open(graph, list(graph.topologies.values()))
         if inputs:
             await _feed(broker, graph, inputs)
         names = [topology] if isinstance(topology, str) else topology
@@ -82,14 +82,7 @@ async def _feed(broker: LocalBroker, graph: Graph, inputs: dict[str, list[Any]])
         bufs = emitter.buffers(ckpt)
         for v in values:
             emitter.encode(v, None, None, now, bufs, ckpt)
-    from .partitioner import split
-
-    changes = Changes()
-    for topic, outputs in ckpt.outputs.items():
-        for p, part in enumerate(split(outputs, broker.partitions(topic))):
-            if part:
-                changes.records[(topic, p)] = part
-    await broker.commit("pipes.testing", changes)
+    await broker.commit("pipes.testing", Changes(outputs=ckpt.outputs))
 
 
 class _Buffers:

@@ -7,20 +7,24 @@ The runtime never asks which broker it has. A broker
 * makes a checkpoint (:class:`Changes`) durable in :meth:`Broker.commit`, in the
   order its guarantees need (one atomic RocksDB write batch on local://).
 
-Keyed state and source checkpoints are read from ``broker.store``.
+Keyed state and source checkpoints are read from ``broker.store``. Each topology with
+sources also consumes its one-partition lease topic ``<app>.<topology>.sources``: the
+worker that is assigned it runs the sources (everywhere on local://; once per consumer
+group on Kafka).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from ..settings import Settings
 from ..store import Store
-from ..topology import TopicSpec
+from ..partitioner import split
+from ..topology import Graph, Topology
 
 # A record as consumers see it: (offset, key, value, headers, timestamp_ms).
 # Headers are a tuple of (name, bytes) pairs or None. Tuples, because the hot loop reads them.
@@ -33,16 +37,38 @@ Output = tuple[bytes | None, bytes, tuple | None, int]
 class Changes:
     """Everything one checkpoint makes durable, all or nothing."""
 
-    records: dict[tuple[str, int], list[Output]] = field(default_factory=dict)
+    outputs: dict[str, list[Output]] = field(default_factory=dict)  # per topic; the broker partitions them
+    records: dict[tuple[str, int], list[Output]] = field(default_factory=dict)  # to chosen partitions
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to process
     state: dict[bytes, bytes | None] = field(default_factory=dict)  # store key -> value (None deletes)
     sources: dict[str, bytes] = field(default_factory=dict)  # source node id -> checkpoint
 
     def __bool__(self) -> bool:
-        return bool(self.records or self.offsets or self.state or self.sources)
+        return bool(self.outputs or self.records or self.offsets or self.state or self.sources)
+
+    def by_partition(self, partitions: Callable[[str], int]) -> dict[tuple[str, int], list[Output]]:
+        """`records` plus `outputs` divided among partitions (murmur2 of the key, else CRC of the value)."""
+        out = {tp: list(recs) for tp, recs in self.records.items() if recs}
+        for topic, outputs in self.outputs.items():
+            if not outputs:
+                continue
+            n = partitions(topic)
+            parts = [outputs] if n == 1 else split(outputs, n)
+            for p, part in enumerate(parts):
+                if part:
+                    out.setdefault((topic, p), []).extend(part)
+        return out
+
+
+class Listener(Protocol):
+    """Told by a consumer which partitions it gains and loses (a rebalance, or once at start)."""
+
+    async def assigned(self, tps: list[tuple[str, int]]) -> None: ...
+    async def revoked(self, tps: list[tuple[str, int]]) -> None: ...
 
 
 class Consumer(Protocol):
+    async def start(self) -> None: ...  # joins; calls the listener's assigned() for its partitions
     def assignment(self) -> list[tuple[str, int]]: ...
     async def poll(self, max_records: int, timeout: float) -> list[tuple[str, int, list[Polled]]]: ...
     def wake(self) -> None: ...
@@ -55,11 +81,16 @@ class Broker(Protocol):
     url: str
     store: Store
 
-    async def open(self, topics: Sequence[TopicSpec]) -> None: ...
+    async def open(self, graph: Graph, topologies: Sequence[Topology]) -> None: ...  # creates topics
     async def close(self) -> None: ...
-    def partitions(self, topic: str) -> int: ...
-    def consumer(self, group: str, topics: Sequence[str]) -> Consumer: ...
+    def partitions(self, topic: str) -> int: ...  # an undeclared topic is created with the defaults
+    def consumer(self, group: str, topics: Sequence[str], listener: Listener | None = None) -> Consumer: ...
+    async def restore(self, topology: Topology, tps: list[tuple[str, int]]) -> None: ...  # state of gained partitions
     async def commit(self, group: str, changes: Changes) -> None: ...
+
+
+def lease_topic(topology: Topology) -> str:
+    return f"{topology.group}.sources"
 
 
 def data_dir(app_name: str, settings: Settings) -> str:

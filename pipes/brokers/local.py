@@ -18,8 +18,8 @@ import msgpack
 from ..errors import BrokerError
 from ..settings import Settings
 from ..store import Store
-from ..topology import TopicSpec
-from . import Changes, Polled
+from ..topology import Graph, Topology
+from . import Changes, Listener, Polled, lease_topic
 
 _POS = struct.Struct(">IQ")  # partition, offset
 _Q = struct.Struct(">Q")
@@ -71,9 +71,15 @@ class LocalBroker:
     def topics(self) -> dict[str, dict]:
         return dict(self._topics)
 
-    async def open(self, topics: Sequence[TopicSpec]) -> None:
-        for spec in topics:
+    async def open(self, graph: Graph, topologies: Sequence[Topology] = ()) -> None:
+        for spec in graph.topics.values():
             self._create(spec.name, spec.partitions, spec.retention_ms)
+        for topo in topologies:
+            if topo.sources:
+                self._create(lease_topic(topo), 1, None)
+
+    async def restore(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
+        """Nothing to restore: keyed state and offsets already live in this database."""
 
     def _create(self, name: str, partitions: int, retention_ms: int | None) -> None:
         old = self._topics.get(name)
@@ -102,8 +108,8 @@ class LocalBroker:
         return {p: self._start[(topic, p)] for p in range(self.partitions(topic))}
 
     # -- consuming ----------------------------------------------------------------
-    def consumer(self, group: str | None, topics: Sequence[str]) -> LocalConsumer:
-        return LocalConsumer(self, group, topics)
+    def consumer(self, group: str | None, topics: Sequence[str], listener: Listener | None = None) -> LocalConsumer:
+        return LocalConsumer(self, group, topics, listener)
 
     def read(self, topic: str, partition: int, offset: int, limit: int) -> list[Polled]:
         """Up to `limit` records of one partition from `offset` on."""
@@ -159,10 +165,7 @@ class LocalBroker:
         ends = {}
         put = wb.put
         h = self._log_handle
-        for (topic, p), outputs in changes.records.items():
-            if not outputs:
-                continue
-            self.partitions(topic)
+        for (topic, p), outputs in changes.by_partition(self.partitions).items():
             off = ends.get((topic, p), self._end[(topic, p)])
             prefix = _log_prefix(topic, p)
             for key, value, headers, ts in outputs:
@@ -218,10 +221,12 @@ class LocalBroker:
 class LocalConsumer:
     """Reads every partition of its topics (one process owns a local:// database)."""
 
-    def __init__(self, broker: LocalBroker, group: str | None, topics: Sequence[str]):
+    def __init__(self, broker: LocalBroker, group: str | None, topics: Sequence[str],
+                 listener: Listener | None = None):
         self.broker = broker
         self.group = group
         self.topics = list(topics)
+        self.listener = listener
         committed = broker.store.offsets(group) if group else {}
         self.positions: dict[tuple[str, int], int] = {}
         for t in self.topics:
@@ -229,6 +234,10 @@ class LocalConsumer:
                 self.positions[(t, p)] = max(committed.get((t, p), 0), broker._start[(t, p)])
         self._wake = asyncio.Event()
         self._turn = 0
+
+    async def start(self) -> None:
+        if self.listener is not None:
+            await self.listener.assigned(list(self.positions))
 
     def assignment(self) -> list[tuple[str, int]]:
         return list(self.positions)
