@@ -340,6 +340,7 @@ COMMANDS = {"worker": cmd_worker, "topology": cmd_topology, "send": cmd_send, "t
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="pipes: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except AppImportError as e:

@@ -17,6 +17,8 @@ class Settings:
     on_error: str = "dlq"  # dlq | stop | skip, for nodes that do not set their own
     retention_ms: int | None = None  # default topic log retention on local:// (None: keep all)
     poll_records: int = 5_000  # records fetched per poll
+    replication: int = 1  # replication factor of topics pipes creates on Kafka
+    guarantee: str = "at_least_once"  # or "exactly_once" (Kafka transactions)
     log_level: str = "INFO"
 
     def with_env(self, environ: dict[str, str] | None = None) -> Settings:

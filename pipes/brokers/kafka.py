@@ -1,0 +1,505 @@
+"""kafka:// — topologies on Kafka, Redpanda or any Kafka-protocol broker, through aiokafka.
+
+One consumer group per topology (``<app>.<topology>``). Keyed state lives in the
+worker's own RocksDB (``--data-dir``) and in a compacted changelog topic per stateful
+node (``<app>.<node>.changelog``, one partition per input partition); source
+checkpoints live in the topology's one-partition lease topic
+(``<app>.<topology>.sources``), whose owner runs the sources.
+
+A checkpoint (:meth:`KafkaBroker.commit`) is made durable in this order:
+
+1. produce the outputs and wait for their acks;
+2. produce changelog records and source checkpoints (each changelog record carries the
+   processed input offsets in a ``pipes.offsets`` header) and wait for their acks;
+3. write keyed state, processed offsets and changelog positions to RocksDB in one batch;
+4. commit the consumer offsets of partitions still assigned.
+
+So a changelog record at input offset X means every output up to X is durable. After
+a crash, processing resumes at the larger of the committed offset and the processed
+offset recorded with the state: keyed state is exactly-once, outputs at-least-once
+(duplicates bounded by one checkpoint), and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any, Sequence
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import msgpack
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from ..errors import BrokerError, ConfigError
+from ..settings import Settings
+from ..store import Store, state_prefix
+from ..topology import Graph, Topology
+from . import Changes, Listener, Polled, data_dir, lease_topic
+
+log = logging.getLogger("pipes")
+_P = struct.Struct(">I")
+_Q = struct.Struct(">Q")
+_SECRET_OPTIONS = {"sasl_plain_password", "sasl_oauth_token", "ssl_password"}
+_INT_OPTIONS = {"request_timeout_ms", "metadata_max_age_ms", "session_timeout_ms", "heartbeat_interval_ms",
+                "max_poll_interval_ms", "rebalance_timeout_ms", "linger_ms", "max_batch_size"}
+
+
+def parse_url(url: str) -> tuple[str, dict[str, Any]]:
+    """``kafka://[user:password@]host:port[,host:port][?option=value&...]`` -> (bootstrap servers,
+    aiokafka client options). A user and password mean SASL PLAIN over SASL_PLAINTEXT unless
+    the query says otherwise (``security_protocol=SASL_SSL``, ``sasl_mechanism=SCRAM-SHA-256``)."""
+    u = urlsplit(url)
+    hosts = u.netloc.rpartition("@")[2]
+    if not hosts:
+        raise ConfigError(f"kafka URL {redact(url)!r} names no host: use kafka://host:9092[,host:9092]")
+    opts: dict[str, Any] = {}
+    if "@" in u.netloc:
+        user, _, password = u.netloc.rpartition("@")[0].partition(":")
+        opts.update(sasl_plain_username=unquote(user), sasl_plain_password=unquote(password),
+                    security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN")
+    for k, v in parse_qsl(u.query):
+        opts[k] = int(v) if k in _INT_OPTIONS else v
+    if opts.get("security_protocol", "").endswith("SSL") and "ssl_context" not in opts:
+        from aiokafka.helpers import create_ssl_context
+
+        opts["ssl_context"] = create_ssl_context(cafile=opts.pop("ssl_cafile", None),
+                                                 certfile=opts.pop("ssl_certfile", None),
+                                                 keyfile=opts.pop("ssl_keyfile", None))
+    return hosts, opts
+
+
+def redact(url: str) -> str:
+    """The URL without passwords, for logs and errors."""
+    u = urlsplit(url)
+    netloc = u.netloc
+    if "@" in netloc:
+        creds, _, hosts = netloc.rpartition("@")
+        netloc = f"{creds.partition(':')[0]}:***@{hosts}"
+    query = "&".join(f"{k}={'***' if k in _SECRET_OPTIONS else v}" for k, v in parse_qsl(u.query))
+    return f"{u.scheme}://{netloc}" + (f"?{query}" if query else "")
+
+
+def changelog_topic(app: str, node: str) -> str:
+    return f"{app}.{node}.changelog"
+
+
+class KafkaBroker:
+    def __init__(self, app_name: str, settings: Settings, *, read_only: bool = False):
+        self.app = app_name
+        self.settings = settings
+        self.url = redact(settings.broker)
+        self.bootstrap, self.options = parse_url(settings.broker)
+        self.store = Store(data_dir(app_name, settings), read_only=read_only)
+        self.producer: AIOKafkaProducer | None = None
+        self._partitions: dict[str, int] = {}
+        self._creating: dict[str, asyncio.Task] = {}
+        self._consumers: dict[str, KafkaConsumer] = {}
+        self._changelogs: dict[str, str] = {}  # stateful node -> changelog topic
+        self._inputs: dict[str, tuple[str, ...]] = {}  # stateful node -> its input topics
+        self.produced: dict[tuple[str, int], int] = {}  # next offset after what this process produced
+
+    # -- topics ---------------------------------------------------------------------
+    async def open(self, graph: Graph | None = None, topologies: Sequence[Topology] = ()) -> None:
+        try:
+            self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=1,
+                                             max_batch_size=1 << 20, max_request_size=16 << 20, **self.options)
+            await self.producer.start()
+        except KafkaError as e:
+            self.producer = None
+            raise BrokerError(f"cannot reach Kafka at {self.url}: {e}") from None
+        wanted: dict[str, tuple[int, dict[str, str]]] = {}
+        if graph is not None:
+            for spec in graph.topics.values():
+                wanted[spec.name] = (spec.partitions, dict(spec.config))
+            for topo in topologies:
+                if topo.sources:
+                    wanted[lease_topic(topo)] = (1, {"cleanup.policy": "compact"})
+                for node in topo.nodes:
+                    if node.stateful:
+                        topic = self._changelogs[node.id] = changelog_topic(self.app, node.id)
+                        self._inputs[node.id] = node.inputs
+                        n = max(graph.topics[t].partitions for t in node.inputs)
+                        wanted[topic] = (n, {"cleanup.policy": "compact"})
+        await self._ensure(wanted)
+
+    async def _ensure(self, wanted: dict[str, tuple[int, dict[str, str]]]) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.options)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [NewTopic(name, n, self.settings.replication, topic_configs=cfg)
+                       for name, (n, cfg) in wanted.items() if name not in existing]
+            if missing:
+                response = await admin.create_topics(missing)
+                for topic, code, message in _topic_errors(response):
+                    if code and code != TopicAlreadyExistsError.errno:
+                        raise BrokerError(f"cannot create topic {topic!r} on {self.url}: error {code} {message or ''}")
+            for topic in wanted:
+                self._partitions[topic] = await self._count(topic)
+        finally:
+            await admin.close()
+        for topic, (n, _) in wanted.items():
+            if self._partitions[topic] != n:
+                log.warning("topic %r has %d partitions on the broker, the app declares %d; using %d",
+                            topic, self._partitions[topic], n, self._partitions[topic])
+
+    async def _count(self, topic: str) -> int:
+        for _ in range(50):
+            parts = await self.producer.partitions_for(topic)
+            if parts:
+                return len(parts)
+            await asyncio.sleep(0.1)
+        raise BrokerError(f"topic {topic!r} has no partitions on {self.url}")
+
+    def partitions(self, topic: str) -> int:
+        n = self._partitions.get(topic)
+        if n is None:
+            # Created on first use with the defaults; commit() waits for it.
+            n = self._partitions[topic] = self.settings.partitions
+            self._creating[topic] = asyncio.ensure_future(self._ensure({topic: (n, {})}))
+        return n
+
+    def topics(self) -> dict[str, dict]:
+        return {t: {"partitions": n} for t, n in self._partitions.items()}
+
+    async def describe(self, topic: str) -> int | None:
+        """Partitions of an existing topic, or None."""
+        parts = await self.producer.partitions_for(topic)
+        if parts:
+            self._partitions[topic] = len(parts)
+        return len(parts) if parts else None
+
+    # -- consuming ---------------------------------------------------------------------
+    def consumer(self, group: str | None, topics: Sequence[str], listener: Listener | None = None) -> KafkaConsumer:
+        consumer = KafkaConsumer(self, group, topics, listener)
+        if group is not None:
+            self._consumers[group] = consumer
+        return consumer
+
+    async def restore(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
+        """Bring the local RocksDB up to date for gained partitions, then seek each to the
+        larger of its committed offset and the offset processed with the restored state."""
+        parts = {p for _, p in tps}
+        sources: list[tuple[str, int, str, bytes]] = []  # (changelog topic, partition, cf, prefix)
+        for node in topology.nodes:
+            if node.id in self._changelogs:
+                sources += [(self._changelogs[node.id], p, "state", state_prefix(node.id, p))
+                            for p in sorted(parts) if any((t, p) in tps for t in node.inputs)]
+        lease = lease_topic(topology)
+        if (lease, 0) in tps:
+            sources.append((lease, 0, "sources", b""))
+        if sources:
+            await self._replay(topology.group, sources)
+        consumer = self._consumers.get(topology.group)
+        if consumer is not None:
+            await consumer.seek_processed(tps, self.store.offsets(topology.group))
+
+    async def _replay(self, group: str, logs: list[tuple[str, int, str, bytes]]) -> None:
+        """Apply changelog records from each log's recorded position to its end."""
+        c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", **self.options)
+        await c.start()
+        try:
+            todo: dict[TopicPartition, tuple[str, bytes]] = {}
+            pos: dict[TopicPartition, int] = {}
+            for topic, p, cf, prefix in logs:
+                tp = TopicPartition(topic, p)
+                todo[tp] = (cf, prefix)
+                raw = self.store.get("meta", _position_key(topic, p))
+                pos[tp] = _Q.unpack(raw)[0] if raw else 0
+            c.assign(list(todo))
+            for tp in todo:
+                c.seek(tp, pos[tp])
+            processed: dict[tuple[str, int], int] = {}
+            restored = 0
+            pending = set(todo)
+            while pending:
+                batch = await c.getmany(*pending, timeout_ms=200, max_records=50_000)
+                wb = self.store.batch()
+                for tp, msgs in batch.items():
+                    cf, prefix = todo[tp]
+                    h = self.store.handle[cf]
+                    for m in msgs:
+                        key = (prefix + m.key) if cf == "state" else m.key
+                        if m.value is None:
+                            wb.delete(key, h)
+                        else:
+                            wb.put(key, m.value, h)
+                        for name, value in m.headers or ():
+                            if name == "pipes.offsets":
+                                for t, part, off in msgpack.unpackb(value):
+                                    processed[(t, part)] = max(processed.get((t, part), 0), off)
+                    if msgs:
+                        pos[tp] = msgs[-1].offset + 1
+                        restored += len(msgs)
+                    wb.put(_position_key(tp.topic, tp.partition), _Q.pack(pos[tp]), self.store.handle["meta"])
+                for tp in list(pending):
+                    hw = c.highwater(tp)
+                    if hw is not None and pos[tp] > hw:
+                        raise BrokerError(f"changelog {tp.topic}[{tp.partition}] is behind this worker's state "
+                                          f"({hw} < {pos[tp]}): it was deleted or recreated; remove the data dir "
+                                          f"{self.store.path} to restore from it")
+                    if hw is not None and pos[tp] >= hw:
+                        pending.discard(tp)
+                if processed:
+                    known = self.store.offsets(group)
+                    self.store.stage_offsets(wb, group, {tp: off for tp, off in processed.items()
+                                                         if off > known.get(tp, -1)})
+                self.store.write(wb)
+            if restored:
+                log.info("restored %d changelog records for %s", restored,
+                         ", ".join(f"{t}[{p}]" for t, p, _, _ in logs))
+        finally:
+            await c.stop()
+
+    # -- committing --------------------------------------------------------------------
+    async def commit(self, group: str, changes: Changes) -> None:
+        records = changes.by_partition(self.partitions)
+        if self._creating:
+            creating, self._creating = self._creating, {}
+            await asyncio.gather(*creating.values())
+        # 1. outputs, acknowledged
+        await self._produce(records)
+        # 2. changelogs and source checkpoints, acknowledged: what they record is durable
+        logs: dict[tuple[str, int], list] = {}
+        headers: dict[tuple[str, int], tuple] = {}
+        for k, v in changes.state.items():
+            node, p, key = _split_state_key(k)
+            tp = (self._changelogs[node], p)
+            if tp not in headers:
+                offsets = [(t, p, changes.offsets[(t, p)]) for t in self._inputs[node] if (t, p) in changes.offsets]
+                headers[tp] = (("pipes.offsets", msgpack.packb(offsets)),) if offsets else None
+            logs.setdefault(tp, []).append((key, v, headers[tp], 0))
+        if changes.sources:
+            lease = f"{group}.sources"
+            logs[(lease, 0)] = [(node.encode(), v, None, 0) for node, v in changes.sources.items()]
+        ends = await self._produce(logs)
+        # 3. state, processed offsets and changelog positions, in one write batch
+        store = self.store
+        wb = store.batch()
+        store.stage_state(wb, changes.state)
+        store.stage_offsets(wb, group, changes.offsets)
+        store.stage_sources(wb, changes.sources)
+        for (topic, p), end in ends.items():
+            wb.put(_position_key(topic, p), _Q.pack(end), store.handle["meta"])
+        store.write(wb)
+        # 4. consumer offsets
+        consumer = self._consumers.get(group)
+        if consumer is not None and changes.offsets:
+            await consumer.commit(changes.offsets)
+
+    async def _produce(self, records: dict[tuple[str, int], list]) -> dict[tuple[str, int], int]:
+        """Send every record in batches and wait for all acks; returns each partition's next offset."""
+        producer = self.producer
+        futures = []
+        for (topic, p), outputs in records.items():
+            batch = producer.create_batch()
+            count = 0
+            for key, value, headers, ts in outputs:
+                if batch.append(key=key, value=value, timestamp=ts or None, headers=list(headers) if headers else []) is None:
+                    batch.close()
+                    futures.append((topic, p, count, await producer.send_batch(batch, topic, partition=p)))
+                    batch, count = producer.create_batch(), 0
+                    if batch.append(key=key, value=value, timestamp=ts or None, headers=list(headers) if headers else []) is None:
+                        raise BrokerError(f"a record of {len(value)} bytes is larger than a batch to {topic!r}")
+                count += 1
+            batch.close()
+            futures.append((topic, p, count, await producer.send_batch(batch, topic, partition=p)))
+        ends: dict[tuple[str, int], int] = {}
+        try:
+            metas = await asyncio.gather(*(f for *_, f in futures))
+        except KafkaError as e:
+            raise BrokerError(f"producing to {self.url} failed: {e}") from e
+        for (topic, p, count, _), meta in zip(futures, metas):
+            ends[(topic, p)] = max(ends.get((topic, p), 0), meta.offset + count)
+        produced = self.produced
+        for tp, end in ends.items():
+            if end > produced.get(tp, 0):
+                produced[tp] = end
+        return ends
+
+    async def close(self) -> None:
+        for consumer in list(self._consumers.values()):
+            await consumer.close()
+        for task in self._creating.values():
+            task.cancel()
+        if self.producer is not None:
+            await self.producer.stop()
+        self.store.close()
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
+    out = []
+    for item in response.topic_errors:
+        topic, code = item[0], item[1]
+        out.append((topic, code, item[2] if len(item) > 2 else None))
+    return out
+
+
+def _position_key(topic: str, p: int) -> bytes:
+    return b"changelog\0" + topic.encode() + b"\0" + _P.pack(p)
+
+
+def _split_state_key(k: bytes) -> tuple[str, int, bytes]:
+    i = k.index(b"\0")
+    return k[:i].decode(), _P.unpack(k[i + 1:i + 5])[0], k[i + 5:]
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Passes rebalances to the runner. aiokafka only logs what a listener raises, so the
+    error is kept and raised by the consumer's next poll()."""
+
+    def __init__(self, consumer: KafkaConsumer):
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        tps = [(tp.topic, tp.partition) for tp in revoked]
+        self.consumer.owned = set()
+        if tps and self.consumer.listener is not None:
+            await self._call(self.consumer.listener.revoked, tps)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        tps = [(tp.topic, tp.partition) for tp in assigned]
+        if self.consumer.listener is not None:
+            await self._call(self.consumer.listener.assigned, tps)
+        self.consumer.owned = set(tps)
+
+    async def _call(self, fn: Any, tps: list) -> None:
+        try:
+            await fn(tps)
+        except Exception as e:
+            self.consumer.failed = e
+            self.consumer.wake()
+
+
+class KafkaConsumer:
+    """One topology's consumer-group member (or, without a group, a reader of all partitions)."""
+
+    def __init__(self, broker: KafkaBroker, group: str | None, topics: Sequence[str], listener: Listener | None):
+        self.broker = broker
+        self.group = group
+        self.topics = list(topics)
+        self.listener = listener
+        self.owned: set[tuple[str, int]] = set()
+        self.positions: dict[tuple[str, int], int] = {}
+        self.failed: Exception | None = None
+        self._wake = asyncio.Event()
+        self._fetch: asyncio.Task | None = None
+        self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
+                                  auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
+                                  fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+                                  fetch_max_wait_ms=100, **broker.options)
+
+    async def start(self) -> None:
+        try:
+            await self.c.start()
+        except KafkaError as e:
+            raise BrokerError(f"cannot reach Kafka at {self.broker.url}: {e}") from None
+        if self.group is not None:
+            self.c.subscribe(self.topics, listener=_Rebalance(self))
+        else:
+            tps = [TopicPartition(t, p) for t in self.topics for p in range(self.broker.partitions(t))]
+            self.c.assign(tps)
+            self.owned = {(tp.topic, tp.partition) for tp in tps}
+
+    def assignment(self) -> list[tuple[str, int]]:
+        return list(self.owned)
+
+    async def seek_processed(self, tps: list[tuple[str, int]], processed: dict[tuple[str, int], int]) -> None:
+        for topic, p in tps:
+            tp = TopicPartition(topic, p)
+            committed = await self.c.committed(tp)
+            start = max(committed or 0, processed.get((topic, p), 0))
+            if processed.get((topic, p), 0) > (committed or 0):
+                self.c.seek(tp, start)
+            self.positions[(topic, p)] = start
+
+    def seek(self, tp: tuple[str, int], offset: int) -> None:
+        self.c.seek(TopicPartition(*tp), offset)
+        self.positions[tp] = offset
+
+    async def seek_to_end(self) -> None:
+        await self.c.seek_to_end()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _end(self, tp: tuple[str, int]) -> int | None:
+        """The high watermark the last fetch reported (not end_offsets(): some brokers answer
+        it inexactly), or what this process has since produced there, whichever is later."""
+        hw = self.c.highwater(TopicPartition(*tp))
+        if hw is None:
+            return None
+        return max(hw, self.broker.produced.get(tp, 0))
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        out = {}
+        for tp in self.owned:
+            end = self._end(tp)
+            if end is not None:
+                out[tp] = max(0, end - self.positions.get(tp, 0))
+        return out
+
+    def caught_up(self) -> bool:
+        if not self.owned:
+            return False
+        for tp in self.owned:
+            end = self._end(tp)
+            if end is None or self.positions.get(tp, 0) < end:
+                return False
+        return True
+
+    async def poll(self, max_records: int, timeout: float) -> list[tuple[str, int, list[Polled]]]:
+        if self.failed is not None:
+            raise self.failed
+        if self._fetch is None:
+            self._fetch = asyncio.ensure_future(self.c.getmany(timeout_ms=int(timeout * 1000), max_records=max_records))
+        if not self._fetch.done():
+            if self._wake.is_set():
+                self._wake.clear()
+                return []
+            waker = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait([self._fetch, waker], return_when=asyncio.FIRST_COMPLETED)
+            waker.cancel()
+            self._wake.clear()
+            if not self._fetch.done():
+                return []  # woken: the fetch goes on and is picked up by the next poll
+        fetch, self._fetch = self._fetch, None
+        try:
+            data = fetch.result()
+        except KafkaError as e:
+            raise BrokerError(f"consuming from {self.broker.url} failed: {e}") from e
+        out = []
+        for tp, msgs in data.items():
+            if not msgs:
+                continue
+            recs = [(m.offset, m.key, m.value if m.value is not None else b"", tuple(m.headers) or None, m.timestamp)
+                    for m in msgs]
+            self.positions[(tp.topic, tp.partition)] = msgs[-1].offset + 1
+            out.append((tp.topic, tp.partition, recs))
+        return out
+
+    async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        owned = {TopicPartition(*tp): off for tp, off in offsets.items() if tp in self.owned}
+        if owned:
+            try:
+                await self.c.commit(owned)
+            except KafkaError as e:
+                # A rebalance took the partitions; their new owner resumes from the state's offsets.
+                log.warning("offset commit for %s failed (%s); the next owner resumes from the checkpoint",
+                            self.group, e)
+
+    async def close(self) -> None:
+        if self._fetch is not None:
+            self._fetch.cancel()
+            try:
+                await self._fetch
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._fetch = None
+        await self.c.stop()
+        if self.group is not None and self.broker._consumers.get(self.group) is self:
+            del self.broker._consumers[self.group]
