@@ -153,33 +153,24 @@ def cmd_send(args: argparse.Namespace) -> int:
     from .emit import encode_headers, serializers_of
 
     _, settings, graph, broker = _broker_for(args, read_only=False)
-    vs, ks = serializers_of(graph, args.topic) if graph else serializers_of_default()
+    vs, ks = serializers_of(graph, args.topic)
     lines = [l.rstrip("\n") for l in sys.stdin] if args.value == "-" else [args.value]
     headers = encode_headers(dict(h.split("=", 1) for h in args.header)) if args.header else None
+    now = int(time.time() * 1000)
+    key = ks.dumps(args.key) if args.key is not None else None
+    outputs = [(key, vs.dumps(_parse_value(line, vs.name)), headers, now)
+               for line in lines if line or args.value != "-"]
 
-    async def send() -> int:
+    async def send() -> None:
         try:
-            outputs = []
-            for line in lines:
-                if not line and args.value == "-":
-                    continue
-                value = _parse_value(line, vs.name)
-                key = ks.dumps(args.key) if args.key is not None else None
-                outputs.append((key, vs.dumps(value), headers, int(time.time() * 1000)))
+            await broker.open(graph, [])
             await broker.commit("pipes.send", Changes(outputs={args.topic: outputs}))
-            return len(outputs)
         finally:
             await broker.close()
 
-    count = _run_async(send())
-    print(f"sent {count} message{'s' if count != 1 else ''} to {args.topic}", file=sys.stderr)
+    _run_async(send())
+    print(f"sent {len(outputs)} message{'s' if len(outputs) != 1 else ''} to {args.topic}", file=sys.stderr)
     return 0
-
-
-def serializers_of_default():
-    from .serializers import resolve
-
-    return resolve("json"), resolve("str")
 
 
 def _parse_value(text: str, serializer: str) -> Any:
@@ -197,10 +188,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from .emit import decode_headers, serializers_of
 
     _, settings, graph, broker = _broker_for(args, read_only=True)
-    if args.topic not in broker.topics():
-        known = ", ".join(sorted(broker.topics())) or "none yet"
-        raise ConfigError(f"no topic {args.topic!r} (topics: {known})")
-    vs, ks = serializers_of(graph, args.topic) if graph else serializers_of_default()
+    vs, ks = serializers_of(graph, args.topic)
 
     def show(p: int, rec: tuple) -> None:
         off, key, raw, headers, ts = rec
@@ -218,21 +206,26 @@ def cmd_tail(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(value, default=str) + b"\n")
 
     async def tail() -> None:
-        consumer = broker.consumer(None, [args.topic])
-        if not args.from_beginning:
-            for tp in consumer.assignment():
-                consumer.seek(tp, broker.end_offsets(tp[0])[tp[1]])
         try:
+            await broker.open(None, [])
+            if await broker.describe(args.topic) is None:
+                known = ", ".join(sorted(t for t in broker.topics() if not t.endswith(".sources"))) or "none yet"
+                raise ConfigError(f"no topic {args.topic!r} (topics: {known})")
+            consumer = broker.consumer(None, [args.topic])
+            await consumer.start()
+            if not args.from_beginning:
+                await consumer.seek_to_end()
+            idle = 0
             while True:
-                polled = await consumer.poll(10_000, 0 if args.exit_at_end else 0.2)
+                polled = await consumer.poll(10_000, 0.2)
                 for _, p, recs in polled:
                     for rec in recs:
                         show(p, rec)
                 sys.stdout.flush()
-                if args.exit_at_end and not polled:
-                    broker.refresh()
-                    if consumer.caught_up():
-                        return
+                idle = 0 if polled else idle + 1
+                # Exit once caught up and a few polls have brought nothing new.
+                if args.exit_at_end and idle >= 2 and consumer.caught_up():
+                    return
         finally:
             await broker.close()
 

@@ -47,8 +47,8 @@ def decode_headers(headers: tuple | None) -> dict[str, bytes]:
     return dict(headers) if headers else {}
 
 
-def serializers_of(graph: Graph, topic: str) -> tuple[Serializer, Serializer]:
-    spec = graph.topics.get(topic)
+def serializers_of(graph: Graph | None, topic: str) -> tuple[Serializer, Serializer]:
+    spec = graph.topics.get(topic) if graph is not None else None
     if spec is None:
         return resolve("json"), resolve("str")
     return spec.value_serializer, spec.key_serializer

@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from typing import Iterator
 
 import rocksdict
@@ -58,6 +59,7 @@ class Store:
             if read_only:
                 secondary = tempfile.mkdtemp(prefix="pipes-secondary-")
                 self._secondary = secondary
+                weakref.finalize(self, shutil.rmtree, secondary, True)
                 self.db = rocksdict.Rdict(self.path, _options(False), column_families=cfs,
                                           access_type=rocksdict.AccessType.secondary(secondary))
                 self.db.try_catch_up_with_primary()

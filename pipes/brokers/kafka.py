@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
 from typing import Any, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -92,11 +93,14 @@ class KafkaBroker:
         self.settings = settings
         self.url = redact(settings.broker)
         self.bootstrap, self.options = parse_url(settings.broker)
-        self.store = Store(data_dir(app_name, settings), read_only=read_only)
+        path = data_dir(app_name, settings)
+        # Read-only commands (tail) need no local state; `pipes state` reads it when it exists.
+        self.store = Store(path, read_only=True) if read_only and os.path.isdir(path) else (
+            None if read_only else Store(path))
         self.producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._creating: dict[str, asyncio.Task] = {}
-        self._consumers: dict[str, KafkaConsumer] = {}
+        self._consumers: dict[str | None, KafkaConsumer] = {}
         self._changelogs: dict[str, str] = {}  # stateful node -> changelog topic
         self._inputs: dict[str, tuple[str, ...]] = {}  # stateful node -> its input topics
         self.produced: dict[tuple[str, int], int] = {}  # next offset after what this process produced
@@ -175,8 +179,7 @@ class KafkaBroker:
     # -- consuming ---------------------------------------------------------------------
     def consumer(self, group: str | None, topics: Sequence[str], listener: Listener | None = None) -> KafkaConsumer:
         consumer = KafkaConsumer(self, group, topics, listener)
-        if group is not None:
-            self._consumers[group] = consumer
+        self._consumers[group] = consumer
         return consumer
 
     async def restore(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
@@ -328,7 +331,8 @@ class KafkaBroker:
             task.cancel()
         if self.producer is not None:
             await self.producer.stop()
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
@@ -501,5 +505,5 @@ class KafkaConsumer:
                 pass
             self._fetch = None
         await self.c.stop()
-        if self.group is not None and self.broker._consumers.get(self.group) is self:
+        if self.broker._consumers.get(self.group) is self:
             del self.broker._consumers[self.group]

@@ -71,8 +71,8 @@ class LocalBroker:
     def topics(self) -> dict[str, dict]:
         return dict(self._topics)
 
-    async def open(self, graph: Graph, topologies: Sequence[Topology] = ()) -> None:
-        for spec in graph.topics.values():
+    async def open(self, graph: Graph | None = None, topologies: Sequence[Topology] = ()) -> None:
+        for spec in graph.topics.values() if graph is not None else ():
             self._create(spec.name, spec.partitions, spec.retention_ms)
         for topo in topologies:
             if topo.sources:
@@ -100,6 +100,11 @@ class LocalBroker:
             self._create(topic, self.settings.partitions, self.settings.retention_ms)
             t = self._topics[topic]
         return t["partitions"]
+
+    async def describe(self, topic: str) -> int | None:
+        """Partitions of an existing topic, or None."""
+        t = self._topics.get(topic)
+        return t["partitions"] if t else None
 
     def end_offsets(self, topic: str) -> dict[int, int]:
         return {p: self._end[(topic, p)] for p in range(self.partitions(topic))}
@@ -244,6 +249,10 @@ class LocalConsumer:
 
     def seek(self, tp: tuple[str, int], offset: int) -> None:
         self.positions[tp] = offset
+
+    async def seek_to_end(self) -> None:
+        for tp in self.positions:
+            self.positions[tp] = self.broker._end[tp]
 
     def lag(self) -> dict[tuple[str, int], int]:
         end = self.broker._end
