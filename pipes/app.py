@@ -7,7 +7,7 @@ returns the frozen :class:`~pipes.topology.Graph`.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from .errors import ConfigError
@@ -164,7 +164,7 @@ class App(_Builder):
             raise ConfigError(f"App name {name!r} must be a non-empty string without spaces or slashes")
         self.name = name
         try:
-            self.settings = Settings(**settings)
+            self.settings = Settings(**settings).check()
         except TypeError as e:
             raise ConfigError(f"App({name!r}): {e}") from None
         self._topics: dict[str, Topic] = {}
@@ -220,11 +220,10 @@ class App(_Builder):
                 raise ConfigError(f"node {node_id!r}: {r!r} is not a topic (use a name or app.topic(...))")
         return tuple(names)
 
-    def _policy(self, on_error: str | None, node_id: str) -> str:
-        policy = on_error or self.settings.on_error
-        if policy not in _ON_ERROR:
-            raise ConfigError(f"node {node_id!r}: on_error={policy!r}; use one of {', '.join(_ON_ERROR)}")
-        return policy
+    def _policy(self, on_error: str | None, node_id: str) -> str | None:
+        if on_error is not None and on_error not in _ON_ERROR:
+            raise ConfigError(f"node {node_id!r}: on_error={on_error!r}; use one of {', '.join(_ON_ERROR)}")
+        return on_error
 
     def _add(self, node: Node) -> None:
         if node.id in self._nodes:
@@ -236,14 +235,20 @@ class App(_Builder):
     # -- freezing ----------------------------------------------------------------
     def build(self, settings: Settings | None = None) -> Graph:
         """Validate the recorded nodes and freeze them into a Graph."""
-        s = settings or self.settings
-        nodes = list(self._nodes.values())
+        s = (settings or self.settings).check()
+        nodes = [n if n.on_error else replace(n, on_error=s.on_error) for n in self._nodes.values()]
         if not nodes:
             raise ConfigError(f"app {self.name!r} has no sources, transforms or sinks")
         names = {t for n in nodes for t in n.inputs + n.outputs}
         topics = {}
+        inherit = {}  # re-key topic -> the topic it re-keys, whose value serializer it keeps
+        for n in nodes:
+            if n.internal and len(n.inputs) == 1 and n.inputs[0] in self._topics:
+                inherit[n.outputs[0]] = self._topics[n.inputs[0]].value_serializer
         for name in sorted(names | set(self._topics)):
             t = self._topics.get(name) or Topic(name)
+            if name in inherit:
+                t = replace(t, value_serializer=inherit[name])
             topics[name] = TopicSpec(name, t.partitions or s.partitions, t.value_serializer, t.key_serializer,
                                      t.retention_ms if t.retention_ms is not None else s.retention_ms,
                                      t.keyed, name in self._internal, t.replication, t.config)

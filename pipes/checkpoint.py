@@ -49,7 +49,11 @@ class Checkpoint:
         self._reset()
 
     def _reset(self) -> None:
-        self.outputs: dict[str, list] = {}
+        # Buffers are emptied in place: sources and nodes may hold them across an await.
+        for buf in getattr(self, "outputs", {}).values():
+            buf.clear()
+        if not hasattr(self, "outputs"):
+            self.outputs: dict[str, list] = {}
         self.offsets: dict[tuple[str, int], int] = {}
         self.count = 0  # messages consumed or produced since the last checkpoint
         self.started = time.monotonic()
@@ -82,7 +86,7 @@ class Checkpoint:
     async def commit(self) -> None:
         for sink in self.sinks:
             await sink.flush(self)
-        changes = Changes(outputs={t: o for t, o in self.outputs.items() if o}, offsets=self.offsets)
+        changes = Changes(outputs={t: list(o) for t, o in self.outputs.items() if o}, offsets=self.offsets)
         for table in self.tables:
             table.drain(changes.state)
         for source in self.sources:

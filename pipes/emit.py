@@ -48,7 +48,10 @@ def decode_headers(headers: tuple | None) -> dict[str, bytes]:
 
 
 def serializers_of(graph: Graph | None, topic: str) -> tuple[Serializer, Serializer]:
+    """A topic's serializers; a dead-letter topic ``<topic>.dlq`` holds records of ``<topic>``."""
     spec = graph.topics.get(topic) if graph is not None else None
+    if spec is None and topic.endswith(".dlq"):
+        return serializers_of(graph, topic[:-4])
     if spec is None:
         return resolve("json"), resolve("str")
     return spec.value_serializer, spec.key_serializer
@@ -59,7 +62,6 @@ class Emitter:
 
     def __init__(self, node: Node, graph: Graph):
         self.graph = graph
-        self.keyfn = key_getter(node.key)
         # Destinations grouped by (value, key) serializer, so each value is encoded once per group.
         groups: dict[tuple[str, str], list[str]] = {}
         sers: dict[tuple[str, str], tuple[Serializer, Serializer]] = {}
@@ -80,10 +82,8 @@ class Emitter:
         own topic unless that is `came_from`, the topic its input was read from."""
         if type(result) is Message:
             return self._encode_message(result, key, headers, ts, bufs, ckpt, staged, came_from)
-        keyfn = self.keyfn
         for vdumps, kdumps, targets in bufs:
-            k = kdumps(keyfn(result)) if keyfn is not None else key
-            rec = (k, _dumps(vdumps, result), headers, ts)
+            rec = (key, _dumps(vdumps, result), headers, ts)
             for buf in targets:
                 if staged is None:
                     buf.append(rec)
@@ -98,12 +98,7 @@ class Emitter:
         h = encode_headers(m.headers) if m.headers else headers
         t = m.timestamp if m.timestamp is not None else ts
         for vdumps, kdumps, targets in bufs:
-            if m.key is not None:
-                k = kdumps(m.key)
-            elif self.keyfn is not None:
-                k = kdumps(self.keyfn(m.value))
-            else:
-                k = key
+            k = kdumps(m.key) if m.key is not None else key
             rec = (k, _dumps(vdumps, m.value), h, t)
             for buf in targets:
                 if staged is None:

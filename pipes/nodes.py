@@ -10,11 +10,15 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .emit import Emitter, decode_headers, serializers_of
+from .emit import Emitter, decode_headers, key_getter, serializers_of
 from .failures import Failures
 from .message import Message
 from .state import StateTable
 from .topology import Graph, Node
+
+
+def _key_bytes(kdumps: Any, key: Any) -> bytes | None:
+    return None if key is None else kdumps(key)
 
 
 async def maybe_await(value: Any) -> Any:
@@ -50,6 +54,7 @@ class Transform:
         self.table = table
         self.decoder = Decoder(graph, node.wants_message)
         self.emitter = Emitter(node, graph)
+        self.keyfn = key_getter(node.key)  # key= re-keys by the input value
         self.failures = Failures(node)
         fn = self.fn
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -60,12 +65,15 @@ class Transform:
 
     async def _rekey(self, topic: str, partition: int, records: list[tuple], ckpt: Any) -> None:
         loads = self.decoder.for_topic(topic)[0]
-        keyfn = self.emitter.keyfn
-        ((_, kdumps, (out,)),) = self.emitter.buffers(ckpt)
+        keyfn = self.keyfn
+        ((vdumps, kdumps, (out,)),) = self.emitter.buffers(ckpt)
+        same = self.decoder.graph.topics[topic].value_serializer.name == self.decoder.graph.topics[
+            self.node.outputs[0]].value_serializer.name
         append = out.append
         for rec in records:
             try:
-                append((kdumps(keyfn(loads(rec[2]))), rec[2], rec[3], rec[4]))
+                value = loads(rec[2])
+                append((_key_bytes(kdumps, keyfn(value)), rec[2] if same else vdumps(value), rec[3], rec[4]))
             except Exception as e:
                 self.failures.handle(e, topic, partition, rec, ckpt)
 
@@ -76,14 +84,17 @@ class Transform:
         table = self.table
         is_async, is_gen, is_agen = self.is_async, self.is_gen, self.is_agen
         emitter = self.emitter
+        keyfn = self.keyfn
         bufs = emitter.buffers(ckpt)
-        fast = emitter.keyfn is None and len(bufs) == 1 and len(bufs[0][2]) == 1
+        fast = len(bufs) == 1 and len(bufs[0][2]) == 1
         if fast:
-            vdumps, _, (out,) = bufs[0]
+            vdumps, kdumps, (out,) = bufs[0]
             append = out.append
         for rec in records:
             try:
                 value = loads(rec[2])
+                if keyfn is not None:
+                    rec = (rec[0], _key_bytes(bufs[0][1], keyfn(value)), rec[2], rec[3], rec[4])
                 if wants_message:
                     value = self.decoder.message(topic, partition, rec, value)
                 if table is not None:

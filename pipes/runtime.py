@@ -49,6 +49,7 @@ class TopologyRunner:
         self.ckpt.sinks = self.sinks
         self.consumer = None
         self.busy = False
+        self.started = False
         self.stopping = False
         self.processed = 0
         self.produced = 0
@@ -57,9 +58,9 @@ class TopologyRunner:
         self._source_tasks: list[asyncio.Task] = []
 
     def idle(self) -> bool:
-        """Nothing running, nothing pending, every source finished, every input consumed."""
-        sources_done = self.lease is None or (bool(self.sources) and all(s.done for s in self.sources))
-        return (not self.busy and not self.ckpt.pending and sources_done
+        """Started, nothing running or pending, the sources this worker runs finished, every
+        assigned input consumed."""
+        return (self.started and not self.busy and not self.ckpt.pending and all(s.done for s in self.sources)
                 and (self.consumer is None or self.consumer.caught_up()))
 
     def stop(self) -> None:
@@ -113,6 +114,7 @@ class TopologyRunner:
         try:
             if self.consumer is not None:
                 await self.consumer.start()
+            self.started = True
             await self._loop(wake_event)
             async with self._lock:
                 await self._stop_sources()
@@ -193,10 +195,10 @@ class Report:
 
 
 async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None = None, until_done: bool = False,
-              broker: Broker | None = None, install_signals: bool = False) -> Report:
-    """Run the selected topologies until stopped (SIGINT/SIGTERM when `install_signals`),
-    until a node fails, or with `until_done` until sources are exhausted and every
-    input topic is consumed."""
+              broker: Broker | None = None, install_signals: bool = False, stop: asyncio.Event | None = None) -> Report:
+    """Run the selected topologies until stopped (`stop` is set, or SIGINT/SIGTERM when
+    `install_signals`), until a node fails, or with `until_done` until the sources this
+    worker runs are exhausted and every input partition it is assigned is consumed."""
     own_broker = broker is None
     broker = broker or connect(graph.app, settings)
     started = time.monotonic()
@@ -205,7 +207,7 @@ async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None 
         await broker.open(graph, selected)
         runners = [TopologyRunner(t, graph, broker, settings) for t in selected]
         tasks = [asyncio.create_task(r.run(), name=f"topology {r.topology.name}") for r in runners]
-        stop = asyncio.Event()
+        stop = stop or asyncio.Event()
         if install_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

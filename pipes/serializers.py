@@ -10,6 +10,8 @@ from typing import Any, Callable
 import msgpack
 import orjson
 
+from .errors import ConfigError
+
 
 class SerializationError(ValueError):
     """A value could not be encoded or decoded."""
@@ -58,4 +60,4 @@ def resolve(spec: str | Serializer, *, what: str = "serializer") -> Serializer:
         return SERIALIZERS[spec]
     except (KeyError, TypeError):
         names = ", ".join(repr(n) for n in SERIALIZERS)
-        raise ValueError(f"unknown {what} {spec!r}: use one of {names} or a pipes.Serializer") from None
+        raise ConfigError(f"unknown {what} {spec!r}: use one of {names} or a pipes.Serializer") from None

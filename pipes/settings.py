@@ -28,19 +28,41 @@ class Settings:
         for f in fields(self):
             raw = env.get(f"PIPES_{f.name.upper()}")
             if raw is not None:
-                changes[f.name] = _parse(f.type, raw)
+                changes[f.name] = _parse(f.type, raw, f.name)
         return replace(self, **changes)
+
+    def check(self) -> Settings:
+        """Raise ConfigError for a value no setting accepts."""
+        from .errors import ConfigError
+
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("commit_every", "partitions", "poll_records", "replication"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be a positive integer")
+        if not isinstance(self.commit_interval, (int, float)) or self.commit_interval <= 0:
+            raise ConfigError(f"commit_interval={self.commit_interval!r}: must be a positive number of seconds")
+        return self
 
     def override(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _parse(kind: Any, raw: str) -> Any:
+_CHOICES = {"on_error": ("dlq", "stop", "skip"), "guarantee": ("at_least_once", "exactly_once")}
+
+
+def _parse(kind: Any, raw: str, name: str) -> Any:
+    from .errors import ConfigError
+
     kind = str(kind)
-    if kind.startswith("int"):
-        return int(raw)
-    if kind.startswith("float"):
-        return float(raw)
     if raw == "" and "None" in kind:
         return None
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"PIPES_{name.upper()}={raw!r} is not a {kind.split(' ')[0]}") from None
     return raw

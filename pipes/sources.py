@@ -31,6 +31,7 @@ from .topology import Graph, Node
 
 log = logging.getLogger("pipes")
 _BATCH = 1000  # items produced between yields to the event loop
+_BATCH_SECONDS = 0.05  # or fewer, when producing them takes longer than this
 
 
 def is_connector(target: Any) -> bool:
@@ -72,6 +73,7 @@ class Source:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            ckpt.wake()  # the runner notices at once
             raise ProcessingError(f"source {self.id!r} ({self.node.where}) failed: {type(e).__name__}: {e}") from e
         self.done = self._changed = True
         self._consistent = None
@@ -102,6 +104,7 @@ class Source:
         while True:
             bufs = self.emitter.buffers(ckpt)
             n = 0
+            started = time.monotonic()
             now = int(time.time() * 1000)
             while n < _BATCH:
                 try:
@@ -121,8 +124,10 @@ class Source:
                     self._consistent = self._payload()
                     self._emitted(n, ckpt)
                     n = 0
-                    bufs = self.emitter.buffers(ckpt)
                     await ckpt.room()
+                    now = int(time.time() * 1000)
+                elif n and n % 64 == 0 and time.monotonic() - started > _BATCH_SECONDS:
+                    break  # a slow source must not hold up checkpoints and shutdown
             self._emitted(n, ckpt)
             await asyncio.sleep(0)
             await ckpt.room()
@@ -133,14 +138,16 @@ class Source:
         emit = self.emitter.encode
         if is_async:
             self._consistent = self._payload()
-        plain = self.emitter.keyfn is None and len(self.emitter.groups) == 1 and len(self.emitter.groups[0][2]) == 1
+        plain = len(self.emitter.groups) == 1 and len(self.emitter.groups[0][2]) == 1
         while True:
             bufs = self.emitter.buffers(ckpt)
             if plain:
                 vdumps, _, (out,) = bufs[0]
                 append = out.append
+            started = time.monotonic()
             now = int(time.time() * 1000)
-            for n in range(_BATCH):
+            n = 0
+            while n < _BATCH:
                 result = fn(state) if takes_state else fn()
                 if is_async:
                     result = await result
@@ -148,13 +155,21 @@ class Source:
                     self._emitted(n, ckpt)
                     return
                 self.count += 1
+                n += 1
                 if plain and type(result) is not Message:
                     append((None, vdumps(result), None, now))
                 else:
                     emit(result, None, None, now, bufs, ckpt)
                 if is_async:
+                    # It may wait for data: let the checkpoint see what it has, as of this item.
                     self._consistent = self._payload()
-            self._emitted(_BATCH, ckpt)
+                    self._emitted(n, ckpt)
+                    n = 0
+                    await ckpt.room()
+                    now = int(time.time() * 1000)
+                elif n % 64 == 0 and time.monotonic() - started > _BATCH_SECONDS:
+                    break  # a slow source must not hold up checkpoints and shutdown
+            self._emitted(n, ckpt)
             await asyncio.sleep(0)
             await ckpt.room()
 

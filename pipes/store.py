@@ -78,11 +78,17 @@ class Store:
         self.handle = {name: self.db.get_column_family_handle(name) for name in CFS}
 
     def close(self) -> None:
+        if self.db is None:
+            return
         try:
             self.db.close()
         except Exception:
             if not self.memory:  # the in-memory environment cannot sync a WAL; nothing to keep
                 raise
+        finally:
+            # Column family objects keep the database (and its lock) alive until they go.
+            self.cf = self.handle = {}
+            self.db = None
         for d in (self._secondary, self.path if self.memory else None):
             if d:
                 shutil.rmtree(d, ignore_errors=True)

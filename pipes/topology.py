@@ -40,7 +40,7 @@ class Node:
     stateful: bool = False  # takes a per-key `state`
     wants_message: bool = False  # first parameter annotated pipes.Message
     batch: int | None = None  # sinks: call with lists of up to `batch` values
-    on_error: OnError = "dlq"
+    on_error: OnError | None = None  # None until App.build() applies the app's setting
     internal: bool = False  # added by pipes (re-keying), not written by the user
     where: str = ""  # file:line of the user's definition, for error messages
 

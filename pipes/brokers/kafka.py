@@ -107,6 +107,8 @@ class KafkaBroker:
 
     # -- topics ---------------------------------------------------------------------
     async def open(self, graph: Graph | None = None, topologies: Sequence[Topology] = ()) -> None:
+        if self.settings.guarantee == "exactly_once":
+            await self._check_transactions()
         try:
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=1,
                                              max_batch_size=1 << 20, max_request_size=16 << 20, **self.options)
@@ -128,6 +130,22 @@ class KafkaBroker:
                         n = max(graph.topics[t].partitions for t in node.inputs)
                         wanted[topic] = (n, {"cleanup.policy": "compact"})
         await self._ensure(wanted)
+
+    async def _check_transactions(self) -> None:
+        """exactly_once needs Kafka transactions: fail clearly where the broker has none."""
+        probe = AIOKafkaProducer(bootstrap_servers=self.bootstrap, transactional_id=f"{self.app}.pipes-probe",
+                                 enable_idempotence=True, **self.options)
+        try:
+            await asyncio.wait_for(probe.start(), 30)
+        except (KafkaError, TimeoutError) as e:
+            raise BrokerError(
+                f"guarantee='exactly_once' needs Kafka transactions, and the broker at {self.url} does not "
+                f"support them (InitProducerId failed: {e}); use guarantee='at_least_once' (the default): "
+                f"keyed state stays exactly-once, outputs are at-least-once") from None
+        finally:
+            await probe.stop()
+        raise ConfigError("guarantee='exactly_once' on kafka:// is not available in this version of pipes: "
+                          "use guarantee='at_least_once' (keyed state is exactly-once either way)")
 
     async def _ensure(self, wanted: dict[str, tuple[int, dict[str, str]]]) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from itertools import takewhile
 from typing import Sequence
 
 import msgpack
@@ -61,11 +62,10 @@ class LocalBroker:
         end = _Q.unpack(it.key()[-8:])[0] + 1 if it.valid() and it.key().startswith(prefix) else 0
         it.seek(prefix)
         start = _Q.unpack(it.key()[-8:])[0] if it.valid() and it.key().startswith(prefix) else end
-        # An emptied partition keeps its end offset in meta, so offsets never go back.
+        # A partition emptied by retention keeps its end offset in meta, so offsets never go back.
         floor = self.store.get("meta", b"end\0" + prefix)
-        if floor is not None:
-            end = max(end, _Q.unpack(floor)[0])
-            start = max(start, min(end, _Q.unpack(floor)[0]))
+        if floor is not None and start == end:
+            start = end = max(end, _Q.unpack(floor)[0])
         self._start[(topic, p)], self._end[(topic, p)] = start, end
 
     def topics(self) -> dict[str, dict]:
@@ -171,6 +171,7 @@ class LocalBroker:
         put = wb.put
         h = self._log_handle
         for (topic, p), outputs in changes.by_partition(self.partitions).items():
+            self.partitions(topic)
             off = ends.get((topic, p), self._end[(topic, p)])
             prefix = _log_prefix(topic, p)
             for key, value, headers, ts in outputs:
@@ -205,9 +206,9 @@ class LocalBroker:
                 first = start
                 while first < end:
                     recs = self.read(name, p, first, 1000)
-                    old = [r for r in recs if r[4] < cutoff]
-                    first += len(old)
-                    if len(old) < len(recs) or not recs:
+                    old = sum(1 for _ in takewhile(lambda r: r[4] < cutoff, recs))
+                    first += old
+                    if old < len(recs) or not recs:
                         break
                 if first > start:
                     prefix = _log_prefix(name, p)
@@ -220,6 +221,7 @@ class LocalBroker:
         return deleted
 
     async def close(self) -> None:
+        self._log = self._log_handle = None
         self.store.close()
 
 

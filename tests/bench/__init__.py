@@ -1,0 +1,1 @@
+"""Throughput benchmarks for pipes (``make bench``); not collected by pytest."""

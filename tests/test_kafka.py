@@ -1,0 +1,187 @@
+"""kafka:// on a real Kafka-protocol broker (Tansu on loopback, see tests/tansu.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections import Counter
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from tansu import unique
+
+import pipes
+from pipes.brokers.kafka import parse_url, redact
+from pipes.errors import BrokerError
+from pipes.runtime import run
+from pipes.store import Store, state_prefix
+from pipes.testing import run_app
+
+
+def shop(name: str, n: int = 1000) -> pipes.App:
+    """The DESIGN §1 example (minus the SSE source and the file sink)."""
+    app = pipes.App(name)
+    orders = app.topic(f"{name}.orders", partitions=4)
+
+    @app.source(to=orders)
+    def numbers(state):
+        i = state.get("i", 0)
+        if i == n:
+            return None
+        state["i"] = i + 1
+        return {"id": i, "customer": f"c{i % 7}", "amount": i * 1.5}
+
+    @app.transform(orders, to=f"{name}.big_orders")
+    def big(order):
+        if order["amount"] > 100:
+            return order
+
+    @app.transform(f"{name}.big_orders", to=f"{name}.totals", key=lambda o: o["customer"])
+    def total(order, state):
+        state["sum"] = state.get("sum", 0) + order["amount"]
+        return {"customer": order["customer"], "sum": state["sum"]}
+
+    return app
+
+
+def expected_totals(n: int = 1000) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for i in range(n):
+        if i * 1.5 > 100:
+            sums[f"c{i % 7}"] = sums.get(f"c{i % 7}", 0) + i * 1.5
+    return sums
+
+
+def run_worker(app: pipes.App, url: str, data_dir, **settings) -> pipes.runtime.Report:
+    s = app.settings.override(broker=url, data_dir=str(data_dir), **settings)
+    return asyncio.run(run(app.build(s), s, until_done=True))
+
+
+async def read_topic(url: str, topic: str) -> list:
+    """Every record of a topic, read up to the high watermark of each partition."""
+    bootstrap, opts = parse_url(url)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", **opts)
+    await c.start()
+    try:
+        await c.topics()  # fetches metadata
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        assert tps, f"no topic {topic}"
+        c.assign(tps)
+        out, done = [], set()
+        for _ in range(200):
+            batch = await c.getmany(timeout_ms=100)
+            for msgs in batch.values():
+                out += msgs
+            done = {tp for tp in tps if c.highwater(tp) is not None and await c.position(tp) >= c.highwater(tp)}
+            if done == set(tps):
+                return out
+        raise AssertionError(f"could not read {topic} to its end")
+    finally:
+        await c.stop()
+
+
+def local_state(data_dir, node: str, partitions: int) -> dict[str, dict]:
+    store = Store(str(data_dir), read_only=True)
+    try:
+        out = {}
+        for p in range(partitions):
+            prefix = state_prefix(node, p)
+            out.update({k[len(prefix):].decode(): pickle.loads(v) for k, v in store.scan("state", prefix)})
+        return out
+    finally:
+        store.close()
+
+
+def test_design_example_runs_on_kafka_as_on_memory(kafka_url, tmp_path):
+    name = unique("shop")
+    report = run_worker(shop(name), kafka_url, tmp_path / "w1")
+    reference = run_app(shop(unique("ref")))
+
+    totals = asyncio.run(read_topic(kafka_url, f"{name}.totals"))
+    assert len(totals) == 933
+    # Running sums depend on how the four order partitions interleave; counts and finals do not.
+    values = [orjson.loads(r.value) for r in totals]
+    ref = reference[f"{reference.graph.app}.totals"]
+    assert Counter(v["customer"] for v in values) == Counter(v["customer"] for v in ref)
+    finals = {c: max(v["sum"] for v in values if v["customer"] == c) for c in expected_totals()}
+    assert finals == expected_totals()
+    expected = {k: {"sum": v} for k, v in expected_totals().items()}
+    assert local_state(tmp_path / "w1", "total", 1) == expected == reference.state("total")
+    assert report.produced == 1000
+
+    # Restarted on the same data dir: nothing is processed again.
+    again = run_worker(shop(name), kafka_url, tmp_path / "w1")
+    assert (again.processed, again.produced) == (0, 0)
+
+
+def test_a_new_worker_restores_state_and_source_checkpoints_from_kafka(kafka_url, tmp_path):
+    name = unique("shop")
+    run_worker(shop(name), kafka_url, tmp_path / "first")
+    # An empty data dir: keyed state and the source's checkpoint come back from the changelog
+    # and the lease topic, so nothing is produced or processed twice.
+    report = run_worker(shop(name), kafka_url, tmp_path / "second")
+    assert (report.processed, report.produced) == (0, 0)
+    assert local_state(tmp_path / "second", "total", 1) == {k: {"sum": v} for k, v in expected_totals().items()}
+
+
+def test_workers_of_one_group_share_partitions_and_run_sources_once(kafka_url, tmp_path):
+    name = unique("scale")
+    n = 20_000
+
+    def make() -> pipes.App:
+        app = pipes.App(name, commit_every=500)
+        app.topic(f"{name}.events", partitions=4, keyed=True)
+
+        @app.source(to=f"{name}.events")
+        def numbers(state):
+            i = state.get("i", 0)
+            if i == n:
+                return None
+            state["i"] = i + 1
+            return pipes.Message({"i": i}, key=f"k{i % 50}")
+
+        @app.transform(f"{name}.events", to=f"{name}.counts")
+        def count(event, state):
+            state["n"] = state.get("n", 0) + 1
+            return state["n"]
+
+        return app
+
+    async def two_workers():
+        stop = asyncio.Event()
+        runs = []
+        for w in ("a", "b"):
+            s = make().settings.override(broker=kafka_url, data_dir=str(tmp_path / w))
+            app = make()
+            runs.append(asyncio.create_task(run(app.build(s), s, stop=stop)))
+            await asyncio.sleep(0.5)
+        for _ in range(600):  # both workers done: every event counted
+            await asyncio.sleep(0.1)
+            counts = await read_topic(kafka_url, f"{name}.counts")
+            if len(counts) >= n:
+                break
+        stop.set()
+        return await asyncio.gather(*runs), counts
+
+    reports, counts = asyncio.run(two_workers())
+    assert len(counts) == n, "the source ran once: every event exactly once"
+    per_key = Counter(r.key for r in counts)
+    assert set(per_key.values()) == {n // 50}
+    assert all(r.processed > 0 for r in reports), [r.processed for r in reports]
+    assert sum(r.produced for r in reports) == n
+
+
+def test_exactly_once_fails_clearly_on_a_broker_without_transactions(kafka_url, tmp_path):
+    app = shop(unique("eos"))
+    with pytest.raises(BrokerError, match="transactions"):
+        run_worker(app, kafka_url, tmp_path, guarantee="exactly_once")
+
+
+def test_kafka_urls_carry_credentials_that_are_never_shown():
+    hosts, opts = parse_url("kafka://alice:s3cret@h1:9092,h2:9092?sasl_mechanism=SCRAM-SHA-256&request_timeout_ms=5000")
+    assert hosts == "h1:9092,h2:9092"
+    assert opts["sasl_plain_username"] == "alice" and opts["sasl_plain_password"] == "s3cret"
+    assert opts["sasl_mechanism"] == "SCRAM-SHA-256" and opts["request_timeout_ms"] == 5000
+    shown = redact("kafka://alice:s3cret@h1:9092?sasl_plain_password=x2&security_protocol=SASL_SSL")
+    assert "s3cret" not in shown and "x2" not in shown and "alice" in shown
