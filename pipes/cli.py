@@ -118,7 +118,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log.info("worker for app %r, topologies %s, on %s", app.name, ", ".join(selected), where)
     report = _run_async(run(graph, settings, topologies=selected, until_done=args.until_done, install_signals=True))
     rate = report.processed / report.seconds if report.seconds else 0
-    if report.processed == 0 and report.produced == 0:
+    if args.until_done and report.processed == 0 and report.produced == 0:
         log.info("nothing to do: every source had finished and every topic was consumed before this run "
                  "(resumed from the checkpoint; nothing reprocessed)")
     log.info("processed %d messages (%.0f msg/s), sources produced %d, %d checkpoints in %.1f s",
@@ -164,6 +164,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     async def send() -> None:
         try:
             await broker.open(graph, [])
+            await broker.describe(args.topic)  # an existing topic keeps its partitions
             await broker.commit("pipes.send", Changes(outputs={args.topic: outputs}))
         finally:
             await broker.close()
@@ -299,7 +300,11 @@ def cmd_reset(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise ConfigError(f"reset would forget {what}; pass --yes to confirm")
-        if input(f"Forget {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+        try:
+            answer = input(f"Forget {what}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
             print("nothing changed")
             return 1
     if not args.topology and settings.broker.startswith("local"):
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `pipes tail ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

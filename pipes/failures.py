@@ -5,7 +5,6 @@ node, topic, partition and offset; ``skip`` logs the first of each kind and coun
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import traceback
 from collections import Counter
@@ -15,6 +14,12 @@ from .errors import ProcessingError
 from .topology import Node
 
 log = logging.getLogger("pipes")
+
+
+def _digest(exc: BaseException) -> str:
+    """The innermost frames of a traceback on one line: ``file.py:12 in f < file.py:40 in g``."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    return " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in reversed(frames))
 
 
 def where(topic: str, partition: int, offset: int) -> str:
@@ -35,12 +40,11 @@ class Failures:
             raise ProcessingError(text) from exc
         self.counts[kind] += 1
         if policy == "dlq":
-            tb = "".join(traceback.format_exception(exc))
             error_headers = (
                 ("pipes.error.node", self.node.id.encode()),
                 ("pipes.error.type", kind.encode()),
                 ("pipes.error.message", str(exc)[:1000].encode()),
-                ("pipes.error.traceback", hashlib.sha1(tb.encode()).hexdigest()[:12].encode()),
+                ("pipes.error.traceback", _digest(exc).encode()),
                 ("pipes.topic", topic.encode()),
                 ("pipes.partition", str(partition).encode()),
                 ("pipes.offset", str(offset).encode()),

@@ -64,5 +64,5 @@ def _parse(kind: Any, raw: str, name: str) -> Any:
         if kind.startswith("float"):
             return float(raw)
     except ValueError:
-        raise ConfigError(f"PIPES_{name.upper()}={raw!r} is not a {kind.split(' ')[0]}") from None
+        raise ConfigError(f"PIPES_{name.upper()}={raw!r} is not a valid {kind.split(' ')[0]}") from None
     return raw

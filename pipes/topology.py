@@ -100,5 +100,7 @@ class Graph:
             return list(self.topologies.values())
         missing = [n for n in names if n not in self.topologies]
         if missing:
-            raise KeyError(f"no topology {missing[0]!r}; this app has {', '.join(self.topologies)}")
+            from .errors import ConfigError
+
+            raise ConfigError(f"no topology {missing[0]!r}; this app has {', '.join(self.topologies)}")
         return [self.topologies[n] for n in names]

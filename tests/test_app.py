@@ -300,7 +300,7 @@ def test_nodes_belong_to_main_unless_declared_on_another_topology():
     assert g.topologies["main"].group == "shop.main"
     assert g.topologies["billing"].input_topics == ("orders", "invoices")
     assert [t.name for t in g.select(["billing"])] == ["billing"]
-    with pytest.raises(KeyError, match="'nope'"):
+    with pytest.raises(ConfigError, match="no topology 'nope'"):
         g.select(["nope"])
 
 

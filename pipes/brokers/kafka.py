@@ -93,17 +93,26 @@ class KafkaBroker:
         self.settings = settings
         self.url = redact(settings.broker)
         self.bootstrap, self.options = parse_url(settings.broker)
-        path = data_dir(app_name, settings)
-        # Read-only commands (tail) need no local state; `pipes state` reads it when it exists.
-        self.store = Store(path, read_only=True) if read_only and os.path.isdir(path) else (
-            None if read_only else Store(path))
+        self._path = data_dir(app_name, settings)
+        self._read_only = read_only
+        self._store: Store | None = None
         self.producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._creating: dict[str, asyncio.Task] = {}
         self._consumers: dict[str | None, KafkaConsumer] = {}
         self._changelogs: dict[str, str] = {}  # stateful node -> changelog topic
         self._inputs: dict[str, tuple[str, ...]] = {}  # stateful node -> its input topics
+        self._replication: dict[str, int] = {}
         self.produced: dict[tuple[str, int], int] = {}  # next offset after what this process produced
+
+    @property
+    def store(self) -> Store:
+        """The worker's RocksDB, opened on first use (send and tail never need it)."""
+        if self._store is None:
+            if self._read_only and not os.path.isdir(self._path):
+                raise BrokerError(f"no pipes data in {self._path}: has a worker run with this data dir?")
+            self._store = Store(self._path, read_only=self._read_only)
+        return self._store
 
     # -- topics ---------------------------------------------------------------------
     async def open(self, graph: Graph | None = None, topologies: Sequence[Topology] = ()) -> None:
@@ -114,12 +123,19 @@ class KafkaBroker:
                                              max_batch_size=1 << 20, max_request_size=16 << 20, **self.options)
             await self.producer.start()
         except KafkaError as e:
+            await self.producer.stop()
             self.producer = None
             raise BrokerError(f"cannot reach Kafka at {self.url}: {e}") from None
         wanted: dict[str, tuple[int, dict[str, str]]] = {}
+        self._replication: dict[str, int] = {}
         if graph is not None:
             for spec in graph.topics.values():
-                wanted[spec.name] = (spec.partitions, dict(spec.config))
+                config = dict(spec.config)
+                if spec.retention_ms is not None:
+                    config.setdefault("retention.ms", str(spec.retention_ms))
+                wanted[spec.name] = (spec.partitions, config)
+                if spec.replication:
+                    self._replication[spec.name] = spec.replication
             for topo in topologies:
                 if topo.sources:
                     wanted[lease_topic(topo)] = (1, {"cleanup.policy": "compact"})
@@ -152,7 +168,7 @@ class KafkaBroker:
         await admin.start()
         try:
             existing = set(await admin.list_topics())
-            missing = [NewTopic(name, n, self.settings.replication, topic_configs=cfg)
+            missing = [NewTopic(name, n, self._replication.get(name, self.settings.replication), topic_configs=cfg)
                        for name, (n, cfg) in wanted.items() if name not in existing]
             if missing:
                 response = await admin.create_topics(missing)
@@ -349,8 +365,8 @@ class KafkaBroker:
             task.cancel()
         if self.producer is not None:
             await self.producer.stop()
-        if self.store is not None:
-            self.store.close()
+        if self._store is not None:
+            self._store.close()
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
