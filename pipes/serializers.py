@@ -27,6 +27,8 @@ class Serializer:
 
 
 def _str_dumps(v: Any) -> bytes:
+    if type(v) is str:
+        return v.encode()
     if isinstance(v, bytes):
         return v
     return (v if isinstance(v, str) else str(v)).encode()

@@ -30,7 +30,8 @@ class StateTable:
         return prefix + (key or b"")
 
     def get(self, partition: int, key: bytes | None) -> dict:
-        k = self._key(partition, key)
+        prefix = self._prefixes.get(partition)
+        k = (prefix if prefix is not None else self._key(partition, None)) + (key or b"")
         state = self._dirty.get(k)
         if state is None:
             state = self._cache.get(k)

@@ -125,23 +125,15 @@ class LocalBroker:
         if not it.valid() or not it.key().startswith(prefix):
             return out
         first = _Q.unpack(it.key()[-8:])[0]
+        # Offsets are contiguous from the first record kept to the end: read exactly those.
+        n = min(limit, self._end[(topic, partition)] - first)
         unpackb = msgpack.unpackb
-        values = []
-        append = values.append
-        nxt = it.next
-        value = it.value
-        valid = it.valid
-        for _ in range(limit):
-            if not valid():
-                break
-            append(value())
+        value, nxt = it.value, it.next
+        append = out.append
+        for off in range(first, first + n):
+            key, val, headers, ts = unpackb(value(), use_list=False)
+            append((off, key, val, headers, ts))
             nxt()
-        # Offsets are contiguous within a partition; keys past the prefix belong to another one.
-        end = self._end[(topic, partition)]
-        n = min(len(values), end - first)
-        for i in range(n):
-            key, val, headers, ts = unpackb(values[i], use_list=False)
-            out.append((first + i, key, val, headers, ts))
         return out
 
     async def wait(self, timeout: float, wake: asyncio.Event | None = None) -> None:
@@ -174,8 +166,9 @@ class LocalBroker:
             self.partitions(topic)
             off = ends.get((topic, p), self._end[(topic, p)])
             prefix = _log_prefix(topic, p)
-            for key, value, headers, ts in outputs:
-                put(prefix + _Q.pack(off), _pack((key, value, headers, ts)), h)
+            pack_offset = _Q.pack
+            for out in outputs:  # (key, value, headers, timestamp), stored as one msgpack array
+                put(prefix + pack_offset(off), _pack(out), h)
                 off += 1
             ends[(topic, p)] = off
         if changes.offsets:
