@@ -46,14 +46,13 @@ class Checkpoint:
         self.commits = 0
         self.committed_messages = 0
         self._committed = asyncio.Event()
+        self.outputs: dict[str, list] = {}  # topic -> encoded outputs since the last checkpoint
         self._reset()
 
     def _reset(self) -> None:
         # Buffers are emptied in place: sources and nodes may hold them across an await.
-        for buf in getattr(self, "outputs", {}).values():
+        for buf in self.outputs.values():
             buf.clear()
-        if not hasattr(self, "outputs"):
-            self.outputs: dict[str, list] = {}
         self.offsets: dict[tuple[str, int], int] = {}
         self.count = 0  # messages consumed or produced since the last checkpoint
         self.started = time.monotonic()

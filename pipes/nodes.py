@@ -40,8 +40,9 @@ class Decoder:
             s = self._cache[topic] = (vs.loads, ks.loads)
         return s
 
-    def message(self, topic: str, partition: int, rec: tuple, value: Any) -> Message:
-        offset, key, _, headers, ts = rec
+    def message(self, topic: str, partition: int, rec: tuple, value: Any, key: bytes | None = None) -> Message:
+        offset, _, _, headers, ts = rec
+        key = rec[1] if key is None else key
         kloads = self.for_topic(topic)[1]
         return Message(value, key=kloads(key) if key is not None else None, headers=decode_headers(headers),
                        topic=topic, partition=partition, offset=offset, timestamp=ts)
@@ -88,17 +89,16 @@ class Transform:
         bufs = emitter.buffers(ckpt)
         fast = len(bufs) == 1 and len(bufs[0][2]) == 1
         if fast:
-            vdumps, kdumps, (out,) = bufs[0]
+            vdumps, _, (out,) = bufs[0]
             append = out.append
         for rec in records:
             try:
                 value = loads(rec[2])
-                if keyfn is not None:
-                    rec = (rec[0], _key_bytes(bufs[0][1], keyfn(value)), rec[2], rec[3], rec[4])
+                key = rec[1] if keyfn is None else _key_bytes(bufs[0][1], keyfn(value))
                 if wants_message:
-                    value = self.decoder.message(topic, partition, rec, value)
+                    value = self.decoder.message(topic, partition, rec, value, key)
                 if table is not None:
-                    result = fn(value, table.get(partition, rec[1]))
+                    result = fn(value, table.get(partition, key))
                 else:
                     result = fn(value)
                 if is_async:
@@ -106,21 +106,21 @@ class Transform:
                 if result is None:
                     continue
                 if is_gen or is_agen:
-                    staged: list = []
+                    staged: list = []  # a generator failing halfway leaves nothing behind
                     if is_agen:
                         async for item in result:
                             if item is not None:
-                                emitter.encode(item, rec[1], rec[3], rec[4], bufs, ckpt, staged, topic)
+                                emitter.encode(item, key, rec[3], rec[4], bufs, ckpt, staged, topic)
                     else:
                         for item in result:
                             if item is not None:
-                                emitter.encode(item, rec[1], rec[3], rec[4], bufs, ckpt, staged, topic)
+                                emitter.encode(item, key, rec[3], rec[4], bufs, ckpt, staged, topic)
                     for buf, out_rec in staged:
                         buf.append(out_rec)
                 elif fast and type(result) is not Message:
-                    append((rec[1], vdumps(result), rec[3], rec[4]))
+                    append((key, vdumps(result), rec[3], rec[4]))
                 else:
-                    emitter.encode(result, rec[1], rec[3], rec[4], bufs, ckpt, None, topic)
+                    emitter.encode(result, key, rec[3], rec[4], bufs, ckpt, None, topic)
             except Exception as e:
                 self.failures.handle(e, topic, partition, rec, ckpt)
 
