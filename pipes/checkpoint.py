@@ -30,6 +30,7 @@ class Flushable(Protocol):
 
 class Snapshotting(Protocol):
     def snapshot(self, into: dict[str, bytes]) -> None: ...
+    def committed(self) -> None: ...
 
 
 class Checkpoint:
@@ -96,6 +97,8 @@ class Checkpoint:
             await self.broker.commit(self.group, changes)
         self.commits += 1
         self.committed_messages += count
+        for source in self.sources:
+            source.committed()
         for hook in self.on_commit:
             hook()
         committed, self._committed = self._committed, asyncio.Event()

@@ -8,8 +8,12 @@ What a source's checkpoint holds, and so how it resumes after a restart:
   many items it had produced, which are skipped when it is started again (so a
   deterministic generator resumes exactly);
 * a list or tuple: the index of the next item; any other object: whether it was sent;
-* a connector (an object with ``checkpoint()`` and ``restore(state)``): what its
-  ``checkpoint()`` returns, given back to ``restore()``.
+* a connector (an object with ``checkpoint()`` and ``restore(state)``, and an async
+  iterator or a ``read()`` returning the next item or None at the end): what its
+  ``checkpoint()`` returns — its position after the last item it gave — handed back
+  to ``restore()`` before it is opened again. Its optional ``committed(state)`` is
+  called once the checkpoint holding ``state`` is durable; ``open()`` and ``close()``
+  are called around reading.
 
 A source that finished stays finished: a restarted worker does not run it again.
 """
@@ -26,6 +30,7 @@ from typing import Any
 from .emit import Emitter
 from .errors import ProcessingError
 from .message import Message
+from .nodes import maybe_await
 from .store import Store
 from .topology import Graph, Node
 
@@ -54,6 +59,7 @@ class Source:
         # An async source can be suspended halfway through a call, its state already changed
         # for an item not yet emitted; it is then checkpointed as of its last emitted item.
         self._consistent: bytes | None = None
+        self._snapshotted: bytes | None = None
 
     def _payload(self) -> bytes:
         target = self.node.target
@@ -64,6 +70,15 @@ class Source:
         if self._changed:
             self._changed = False
             into[self.id] = self._consistent if self._consistent is not None else self._payload()
+            self._snapshotted = into[self.id]
+
+    def committed(self) -> None:
+        """The checkpoint holding the last snapshot is durable: tell a connector that wants to
+        know (an SQS source deletes the messages it covers)."""
+        raw, self._snapshotted = self._snapshotted, None
+        hook = getattr(self.node.target, "committed", None)
+        if raw is not None and hook is not None and is_connector(self.node.target):
+            hook(pickle.loads(raw)["state"])
 
     async def run(self, ckpt: Any) -> None:
         if self.done:
@@ -83,8 +98,15 @@ class Source:
         target = self.node.target
         takes_state = _takes_state(target)
         if is_connector(target):
-            target.restore(self.state) if self.state else None
-            await self._drain(ckpt, _connector_items(target))
+            if self.state:
+                await maybe_await(target.restore(self.state))
+            if hasattr(target, "open"):
+                await maybe_await(target.open())
+            try:
+                await self._drain(ckpt, _connector_items(target))
+            finally:
+                if hasattr(target, "close"):
+                    await maybe_await(target.close())
         elif inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
             items = target(self.state) if takes_state else target()
             await self._drain(ckpt, items, skip=0 if takes_state else self.count)
@@ -196,9 +218,7 @@ async def _connector_items(target: Any) -> Any:
             yield item
         return
     while True:
-        item = target.read()
-        if inspect.isawaitable(item):
-            item = await item
+        item = await maybe_await(target.read())
         if item is None:
             return
         yield item
