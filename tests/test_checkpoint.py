@@ -55,11 +55,15 @@ class FakeTable:
 
 
 class FakeSource:
-    def __init__(self, node: str, payload: bytes):
-        self.node, self.payload = node, payload
+    def __init__(self, node: str, payload: bytes, calls: list | None = None):
+        self.node, self.payload, self.calls = node, payload, calls
 
     def snapshot(self, into: dict) -> None:
         into[self.node] = self.payload
+
+    def committed(self) -> None:
+        if self.calls is not None:
+            self.calls.append(("committed", self.node))
 
 
 def make(calls, *, broker=None, every=100, interval=3600.0) -> Checkpoint:
@@ -119,7 +123,7 @@ def test_commit_flushes_sinks_before_the_broker_commits_and_hands_over_everythin
     ckpt = make(calls)
     ckpt.sinks = [RecordingSink("a", calls), RecordingSink("b", calls, dlq=(None, b"bad", None, 7))]
     ckpt.tables = [FakeTable({b"total\0k": b"s", b"total\0gone": None})]
-    ckpt.sources = [FakeSource("numbers", b"ckpt")]
+    ckpt.sources = [FakeSource("numbers", b"ckpt", calls)]
     ckpt.on_commit.append(lambda: calls.append(("hook",)))
     ckpt.buffer("out").extend([(b"k", b"1", None, 1), (None, b"2", None, 2)])
     ckpt.buffer("empty")
@@ -136,6 +140,7 @@ def test_commit_flushes_sinks_before_the_broker_commits_and_hands_over_everythin
          {("in", 0): 5},
          {b"total\0k": b"s", b"total\0gone": None},
          {"numbers": b"ckpt"}),
+        ("committed", "numbers"),  # sources hear of it only once the broker has made it durable
         ("hook",),
     ]
     assert not ckpt.pending and not any(ckpt.outputs.values()) and ckpt.offsets == {} and ckpt.count == 0
