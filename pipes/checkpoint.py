@@ -26,11 +26,12 @@ from .brokers import Broker, Changes
 
 class Flushable(Protocol):
     async def flush(self, ckpt: "Checkpoint") -> None: ...
+    async def committed(self) -> None: ...
 
 
 class Snapshotting(Protocol):
     def snapshot(self, into: dict[str, bytes]) -> None: ...
-    def committed(self) -> None: ...
+    async def committed(self) -> None: ...
 
 
 class Checkpoint:
@@ -98,7 +99,9 @@ class Checkpoint:
         self.commits += 1
         self.committed_messages += count
         for source in self.sources:
-            source.committed()
+            await source.committed()
+        for sink in self.sinks:
+            await sink.committed()
         for hook in self.on_commit:
             hook()
         committed, self._committed = self._committed, asyncio.Event()

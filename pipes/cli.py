@@ -255,7 +255,7 @@ def cmd_state(args: argparse.Namespace) -> int:
             elif node.stateful:
                 ks = serializers_of(graph, node.inputs[0])[1]
                 out = {}
-                for p in range(max(broker.partitions(t) for t in node.inputs)):
+                for p in range(max(graph.topics[t].partitions for t in node.inputs)):
                     prefix = state_prefix(node.id, p)
                     for k, v in store.scan("state", prefix):
                         out[str(ks.loads(k[len(prefix):]))] = pickle.loads(v)
@@ -270,14 +270,19 @@ def cmd_state(args: argparse.Namespace) -> int:
                     raw = store.get("sources", n.id.encode())
                     out["sources"][n.id] = pickle.loads(raw) if raw else None
                 if n.stateful:
-                    out["state"][n.id] = sum(1 for p in range(max(broker.partitions(t) for t in n.inputs))
+                    out["state"][n.id] = sum(1 for p in range(max(graph.topics[t].partitions for t in n.inputs))
                                              for _ in store.scan("state", state_prefix(n.id, p)))
+            # Ends and lag where the data dir holds the topics (local://); on Kafka, the
+            # offsets this worker processed.
+            ends_of = getattr(broker, "end_offsets", None)
             for topo in graph.topologies.values():
-                ends = {}
+                ends: dict[str, dict[int, int]] = {}
                 for (topic, p), off in sorted(store.offsets(topo.group).items()):
-                    end = ends.setdefault(topic, broker.end_offsets(topic) if topic in broker.topics() else {})
-                    out["offsets"].setdefault(topo.group, {})[f"{topic}[{p}]"] = {
-                        "offset": off, "end": end.get(p, off), "lag": end.get(p, off) - off}
+                    entry: dict[str, int] = {"offset": off}
+                    if ends_of is not None and topic in broker.topics():
+                        end = ends.setdefault(topic, ends_of(topic)).get(p, off)
+                        entry.update(end=end, lag=end - off)
+                    out["offsets"].setdefault(topo.group, {})[f"{topic}[{p}]"] = entry
             out["state"] = {k: f"{v} keys" for k, v in out["state"].items()}
         print(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=repr).decode())
     except KeyError as e:
@@ -323,7 +328,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
                 if node.kind == "source":
                     n += store.delete_prefix("sources", node.id.encode())
                 if node.stateful:
-                    for p in range(max(broker.partitions(t) for t in node.inputs)):
+                    for p in range(max(graph.topics[t].partitions for t in node.inputs)):
                         n += store.delete_prefix("state", state_prefix(node.id, p))
         print(f"forgot {n} entries of {', '.join(t.name for t in topologies)}")
     finally:

@@ -180,6 +180,11 @@ class Sink:
             for _, topic, partition, rec in items:
                 self.failures.handle(e, topic, partition, rec, ckpt)
 
+    async def committed(self) -> None:
+        """The checkpoint after the last flush() is durable: an object sink may want to know."""
+        if self.is_object and hasattr(self.node.target, "committed"):
+            await maybe_await(self.node.target.committed())
+
     async def flush(self, ckpt: Any) -> None:
         if self.pending:
             chunk, self.pending = self.pending, []

@@ -76,9 +76,12 @@ class TopologyRunner:
 
     async def revoked(self, tps: list[tuple[str, int]]) -> None:
         async with self._lock:
-            if self.lease is not None and (self.lease, 0) in tps:
+            lease_lost = self.lease is not None and (self.lease, 0) in tps
+            if lease_lost:
                 await self._stop_sources()
             await self.ckpt.commit()
+            if lease_lost:
+                await self._close_sources()
             for table in self.tables.values():
                 table.forget()
 
@@ -96,7 +99,13 @@ class TopologyRunner:
             except (asyncio.CancelledError, Exception):
                 pass
         self._source_tasks = []
+
+    async def _close_sources(self) -> None:
+        """After the checkpoint that covers what they produced: close connectors."""
+        for source in self.sources:
+            await source.close()
         self.produced += sum(s.produced for s in self.sources)
+        self.sources = self.ckpt.sources = []
 
     def _check_sources(self) -> None:
         for task in self._source_tasks:
@@ -119,8 +128,10 @@ class TopologyRunner:
             async with self._lock:
                 await self._stop_sources()
                 await self.ckpt.commit()
+                await self._close_sources()
         except BaseException:
             await self._stop_sources()
+            await self._close_sources()
             raise
         finally:
             for sink in self.sinks:
@@ -156,14 +167,21 @@ class TopologyRunner:
                     await ckpt.commit()
 
     async def _process(self, polled: list, by_topic: dict, ckpt: Checkpoint) -> int:
-        # A rebalance may have taken partitions away since they were fetched.
-        owned = set(self.consumer.assignment())
+        # A rebalance may have happened since these were fetched: partitions this member no
+        # longer owns are skipped, and records below a partition's floor (the first offset
+        # its restored state has not seen) are stale.
+        floors = self.consumer.assignment()
         n = 0
         self.busy = True
         try:
             for topic, partition, records in polled:
-                if (topic, partition) not in owned:
+                floor = floors.get((topic, partition))
+                if floor is None:
                     continue
+                if records[0][0] < floor:
+                    records = [r for r in records if r[0] >= floor]
+                    if not records:
+                        continue
                 for proc in by_topic.get(topic, ()):
                     await proc.process(topic, partition, records, ckpt)
                 ckpt.offsets[(topic, partition)] = records[-1][0] + 1
@@ -221,8 +239,8 @@ async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None 
                 r.stop()
             results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for w in watchers:
-                w.cancel()
+            for t in [*watchers, *tasks]:  # run() itself cancelled: so are its topologies
+                t.cancel()
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     asyncio.get_running_loop().remove_signal_handler(sig)

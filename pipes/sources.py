@@ -60,25 +60,42 @@ class Source:
         # for an item not yet emitted; it is then checkpointed as of its last emitted item.
         self._consistent: bytes | None = None
         self._snapshotted: bytes | None = None
+        self._opened = False
 
     def _payload(self) -> bytes:
         target = self.node.target
         state = target.checkpoint() if is_connector(target) else self.state
         return pickle.dumps({"state": state, "count": self.count, "done": self.done}, protocol=5)
 
+    def _mark_consistent(self) -> None:
+        """Remember the checkpoint as of the item just produced. A connector's checkpoint()
+        value is kept as it is; a state dict, which changes in place, is copied (pickled)."""
+        target = self.node.target
+        if is_connector(target):
+            self._consistent = {"state": target.checkpoint(), "count": self.count, "done": self.done}
+        else:
+            self._consistent = self._payload()
+
     def snapshot(self, into: dict[str, bytes]) -> None:
         if self._changed:
             self._changed = False
-            into[self.id] = self._consistent if self._consistent is not None else self._payload()
-            self._snapshotted = into[self.id]
+            c = self._consistent
+            raw = self._payload() if c is None else c if isinstance(c, bytes) else pickle.dumps(c, protocol=5)
+            into[self.id] = self._snapshotted = raw
 
-    def committed(self) -> None:
+    async def committed(self) -> None:
         """The checkpoint holding the last snapshot is durable: tell a connector that wants to
         know (an SQS source deletes the messages it covers)."""
         raw, self._snapshotted = self._snapshotted, None
         hook = getattr(self.node.target, "committed", None)
         if raw is not None and hook is not None and is_connector(self.node.target):
-            hook(pickle.loads(raw)["state"])
+            await maybe_await(hook(pickle.loads(raw)["state"]))
+
+    async def close(self) -> None:
+        target = self.node.target
+        if self._opened and hasattr(target, "close"):
+            self._opened = False
+            await maybe_await(target.close())
 
     async def run(self, ckpt: Any) -> None:
         if self.done:
@@ -102,11 +119,8 @@ class Source:
                 await maybe_await(target.restore(self.state))
             if hasattr(target, "open"):
                 await maybe_await(target.open())
-            try:
-                await self._drain(ckpt, _connector_items(target))
-            finally:
-                if hasattr(target, "close"):
-                    await maybe_await(target.close())
+            self._opened = True  # closed by the runner, after the checkpoint covering its items
+            await self._drain(ckpt, _connector_items(target))
         elif inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
             items = target(self.state) if takes_state else target()
             await self._drain(ckpt, items, skip=0 if takes_state else self.count)
@@ -122,7 +136,7 @@ class Source:
         is_async = hasattr(items, "__anext__")
         emit = self.emitter.encode
         if is_async:
-            self._consistent = self._payload()
+            self._mark_consistent()
         while True:
             bufs = self.emitter.buffers(ckpt)
             n = 0
@@ -143,7 +157,7 @@ class Source:
                     n += 1
                 if is_async:
                     # An async source may wait for data: let the checkpoint see what it has.
-                    self._consistent = self._payload()
+                    self._mark_consistent()
                     self._emitted(n, ckpt)
                     n = 0
                     await ckpt.room()
@@ -159,7 +173,7 @@ class Source:
         is_async = inspect.iscoroutinefunction(fn)
         emit = self.emitter.encode
         if is_async:
-            self._consistent = self._payload()
+            self._mark_consistent()
         plain = len(self.emitter.groups) == 1 and len(self.emitter.groups[0][2]) == 1
         while True:
             bufs = self.emitter.buffers(ckpt)
@@ -184,7 +198,7 @@ class Source:
                     emit(result, None, None, now, bufs, ckpt)
                 if is_async:
                     # It may wait for data: let the checkpoint see what it has, as of this item.
-                    self._consistent = self._payload()
+                    self._mark_consistent()
                     self._emitted(n, ckpt)
                     n = 0
                     await ckpt.room()

@@ -44,6 +44,9 @@ class RecordingSink:
         if self.dlq is not None:  # a sink that failed on a message routes it to the DLQ while flushing
             ckpt.buffer("in.dlq").append(self.dlq)
 
+    async def committed(self) -> None:
+        self.calls.append(("committed", self.name))
+
 
 class FakeTable:
     def __init__(self, changes: dict):
@@ -61,7 +64,7 @@ class FakeSource:
     def snapshot(self, into: dict) -> None:
         into[self.node] = self.payload
 
-    def committed(self) -> None:
+    async def committed(self) -> None:
         if self.calls is not None:
             self.calls.append(("committed", self.node))
 
@@ -140,7 +143,9 @@ def test_commit_flushes_sinks_before_the_broker_commits_and_hands_over_everythin
          {("in", 0): 5},
          {b"total\0k": b"s", b"total\0gone": None},
          {"numbers": b"ckpt"}),
-        ("committed", "numbers"),  # sources hear of it only once the broker has made it durable
+        ("committed", "numbers"),  # sources and sinks hear of it only once the broker made it durable
+        ("committed", "a"),
+        ("committed", "b"),
         ("hook",),
     ]
     assert not ckpt.pending and not any(ckpt.outputs.values()) and ckpt.offsets == {} and ckpt.count == 0
@@ -152,7 +157,7 @@ def test_a_commit_with_nothing_to_make_durable_does_not_call_the_broker():
     ckpt = make(calls)
     ckpt.sinks = [RecordingSink("a", calls)]
     asyncio.run(ckpt.commit())
-    assert calls == [("flush", "a")]
+    assert calls == [("flush", "a"), ("committed", "a")]  # the previous checkpoint is still the durable one
     assert ckpt.commits == 1
 
 

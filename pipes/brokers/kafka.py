@@ -204,11 +204,16 @@ class KafkaBroker:
         return {t: {"partitions": n} for t, n in self._partitions.items()}
 
     async def describe(self, topic: str) -> int | None:
-        """Partitions of an existing topic, or None."""
-        parts = await self.producer.partitions_for(topic)
-        if parts:
-            self._partitions[topic] = len(parts)
-        return len(parts) if parts else None
+        """Partitions of an existing topic, or None (without letting the broker auto-create it)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.options)
+        await admin.start()
+        try:
+            if topic not in await admin.list_topics():
+                return None
+        finally:
+            await admin.close()
+        self._partitions[topic] = await self._count(topic)
+        return self._partitions[topic]
 
     # -- consuming ---------------------------------------------------------------------
     def consumer(self, group: str | None, topics: Sequence[str], listener: Listener | None = None) -> KafkaConsumer:
@@ -396,6 +401,9 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: Any) -> None:
         tps = [(tp.topic, tp.partition) for tp in revoked]
         self.consumer.owned = set()
+        for tp in tps:
+            self.consumer.positions.pop(tp, None)
+            self.consumer.floors.pop(tp, None)
         if tps and self.consumer.listener is not None:
             await self._call(self.consumer.listener.revoked, tps)
 
@@ -423,6 +431,7 @@ class KafkaConsumer:
         self.listener = listener
         self.owned: set[tuple[str, int]] = set()
         self.positions: dict[tuple[str, int], int] = {}
+        self.floors: dict[tuple[str, int], int] = {}  # first offset to process, set when (re)assigned
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
         self._fetch: asyncio.Task | None = None
@@ -443,21 +452,26 @@ class KafkaConsumer:
             self.c.assign(tps)
             self.owned = {(tp.topic, tp.partition) for tp in tps}
 
-    def assignment(self) -> list[tuple[str, int]]:
-        return list(self.owned)
+    def assignment(self) -> dict[tuple[str, int], int]:
+        floors = self.floors
+        return {tp: floors.get(tp, 0) for tp in self.owned}
 
     async def seek_processed(self, tps: list[tuple[str, int]], processed: dict[tuple[str, int], int]) -> None:
+        """Start each partition at the larger of its committed offset and the offset processed
+        with its restored state. aiokafka may already have fetched records from before that
+        while the state was being restored: the floor makes the runner skip them."""
         for topic, p in tps:
             tp = TopicPartition(topic, p)
             committed = await self.c.committed(tp)
             start = max(committed or 0, processed.get((topic, p), 0))
             if processed.get((topic, p), 0) > (committed or 0):
                 self.c.seek(tp, start)
-            self.positions[(topic, p)] = start
+            self.floors[(topic, p)] = start
+            self.positions[(topic, p)] = max(self.positions.get((topic, p), 0), start)
 
     def seek(self, tp: tuple[str, int], offset: int) -> None:
         self.c.seek(TopicPartition(*tp), offset)
-        self.positions[tp] = offset
+        self.positions[tp] = self.floors[tp] = offset
 
     async def seek_to_end(self) -> None:
         await self.c.seek_to_end()
@@ -495,17 +509,18 @@ class KafkaConsumer:
             raise self.failed
         if self._fetch is None:
             self._fetch = asyncio.ensure_future(self.c.getmany(timeout_ms=int(timeout * 1000), max_records=max_records))
-        if not self._fetch.done():
+        fetch = self._fetch
+        if not fetch.done():
             if self._wake.is_set():
                 self._wake.clear()
                 return []
             waker = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait([self._fetch, waker], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([fetch, waker], return_when=asyncio.FIRST_COMPLETED)
             waker.cancel()
             self._wake.clear()
-            if not self._fetch.done():
+            if not fetch.done():
                 return []  # woken: the fetch goes on and is picked up by the next poll
-        fetch, self._fetch = self._fetch, None
+        self._fetch = None
         try:
             data = fetch.result()
         except KafkaError as e:

@@ -239,8 +239,8 @@ class LocalConsumer:
         if self.listener is not None:
             await self.listener.assigned(list(self.positions))
 
-    def assignment(self) -> list[tuple[str, int]]:
-        return list(self.positions)
+    def assignment(self) -> dict[tuple[str, int], int]:
+        return dict.fromkeys(self.positions, 0)
 
     def seek(self, tp: tuple[str, int], offset: int) -> None:
         self.positions[tp] = offset

@@ -6,6 +6,8 @@ A sink is an object with ``write(batch)`` (a list of values) and optionally
 """
 
 from .files import JsonLines
+from .postgres import PostgresSink, PostgresSource
+from .redis import RedisStreamSink, RedisStreamSource
 from .stdio import Stdout
 
-__all__ = ["JsonLines", "Stdout"]
+__all__ = ["JsonLines", "PostgresSink", "PostgresSource", "RedisStreamSink", "RedisStreamSource", "Stdout"]

@@ -1,9 +1,10 @@
-"""Throughput of pipes on local:// and memory://, one worker process.
+"""Throughput of pipes on local://, memory:// and kafka://, one worker process.
 
-    make bench                                   # every workload, both brokers, N=500k
+    make bench                                   # every workload, all brokers (N=500k; 200k on kafka://)
     python -m tests.bench.run --quick            # a smoke run (N=20k)
     python -m tests.bench.run --only keyed --broker local --n 200000
-    python -m tests.bench.run --profile --only stateless [--broker memory] [--sort cumulative]
+    python -m tests.bench.run --broker kafka     # kafka:// only (Tansu on loopback, see kafka.py)
+    python -m tests.bench.run --profile --only stateless [--broker memory|kafka] [--sort cumulative]
     python -m tests.bench.run --set commit_every=50000 --set poll_records=20000
 
 Each run opens a fresh database (a temporary directory for local://), preloads the input
@@ -14,7 +15,12 @@ back and checked message by message, together with the committed consumer offset
 keyed state, so a run that drops or duplicates messages fails loudly instead of looking
 fast. Baselines (see baselines.py) run in the same process, next to each workload.
 
-Results: a table on stdout and bench-results/local.json.
+kafka:// (kafka.py) is measured differently: one Tansu broker on loopback for the whole
+run, the stateless enrich() and the keyed count as pipes apps next to a naive and a batched
+hand-written aiokafka consume->produce loop, each timed from its first consumed batch.
+
+Results: tables on stdout, bench-results/local.json (local://, memory://) and
+bench-results/kafka.json (kafka://).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from pipes.runtime import run
 from . import baselines
 from .workloads import IN, N_USERS, OUT, WORKLOADS, Workload, Wrong, make_value, user_of
 
-BROKERS = ("local", "memory")
+BROKERS = ("local", "memory", "kafka")
 PRELOAD_CHUNK = 50_000
 
 
@@ -294,18 +300,23 @@ def _settings(pairs: list[str]) -> pipes.Settings:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=None, help="input messages per run (default 500000; 20000 with --quick)")
+    p.add_argument("--n", type=int, default=None,
+                   help="input messages per run (default 500000, 200000 on kafka://; 20000 with --quick)")
+    p.add_argument("--kafka-n", type=int, default=None, help="input messages per kafka:// run (default: --n)")
     p.add_argument("--quick", action="store_true", help="a smoke run with a small N")
     p.add_argument("--only", action="append", default=[], metavar="WORKLOAD",
                    help=f"run only this workload (repeatable or comma-separated): {', '.join(WORKLOADS)}")
     p.add_argument("--broker", action="append", default=[], choices=BROKERS, help="only this broker (repeatable)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the best counts (default 1)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs per measurement; the best counts (default 1; 3 on kafka://, in interleaved rounds)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a pipes.Settings override")
     p.add_argument("--data-dir", default=None, help="where local:// databases are created (default: the temp dir)")
-    p.add_argument("--out", default="bench-results/local.json", help="the JSON results file")
+    p.add_argument("--out", default="bench-results/local.json", help="the JSON results file (local://, memory://)")
+    p.add_argument("--kafka-out", default="bench-results/kafka.json", help="the JSON results file of kafka://")
     p.add_argument("--profile", action="store_true",
                    help="run the first --only workload (default stateless) on the first --broker (default local) "
-                        "under cProfile and print the top functions instead of the table")
+                        "under cProfile and print the top functions instead of the table (on kafka://: from the "
+                        "first consumed record to the checkpoint with the last output)")
     p.add_argument("--sort", default="tottime", help="profile sort key (tottime, cumulative, ncalls, ...)")
     p.add_argument("--top", type=int, default=25, help="profile lines to print")
     return p
@@ -314,6 +325,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     n = args.n or (20_000 if args.quick else 500_000)
+    from . import kafka
+
+    kafka_n = args.kafka_n or args.n or (kafka.QUICK_N if args.quick else kafka.DEFAULT_N)
     names = [w for item in args.only for w in item.split(",") if w]
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
@@ -326,8 +340,51 @@ def main(argv: list[str] | None = None) -> int:
     env = _environment(n, base, root)
 
     if args.profile:
+        if kinds[0] == "kafka":
+            workload = names[0] if names else "stateless"
+            if workload not in kafka.WORKLOADS:
+                raise SystemExit(f"kafka:// profiles {' or '.join(kafka.WORKLOADS)}, not {workload!r}")
+            return kafka.profile(workload, kafka_n, base, root, args.sort, args.top)
         return profile(WORKLOADS[names[0] if names else "stateless"], n, kinds[0], base, root, args.sort, args.top)
 
+    status = 0
+    local_kinds = [k for k in kinds if k != "kafka"]
+    if local_kinds:
+        status = _bench_local(args, names, n, local_kinds, base, root, env)
+    if "kafka" in kinds:
+        status = max(status, _bench_kafka(args, names, kafka_n, base, root, env))
+    return status
+
+
+def _bench_kafka(args: argparse.Namespace, names: list[str], n: int, base: pipes.Settings, root: str | None,
+                 env: dict) -> int:
+    from . import kafka
+
+    selected = [w for w in (names or kafka.WORKLOADS) if w in kafka.WORKLOADS]
+    if not selected:
+        print(f"\nkafka://: nothing to measure (it runs {', '.join(kafka.WORKLOADS)})")
+        return 0
+    started = time.perf_counter()
+    rows, kafka_env = kafka.bench(selected, n, base, root, args.repeat or 3)
+    total = time.perf_counter() - started
+    print(f"\n{len(rows)} kafka:// measurements in {total:.0f} s, Tansu start and stop included")
+    wrong = [r for r in rows if not r["ok"]]
+    for r in wrong:
+        print(f"WRONG OUTPUT: {r['runner']} {r['workload']} on kafka://: {r['error']}")
+    for r in rows:
+        if r.get("meets_target") is False:
+            print(f"below target: pipes {r['workload']} on kafka:// is {r['vs_naive']:.2f}x the naive loop, "
+                  f"the target is >= {r['target_vs_naive']:.0f}x")
+    os.makedirs(os.path.dirname(args.kafka_out) or ".", exist_ok=True)
+    with open(args.kafka_out, "w") as f:
+        json.dump({"environment": {**env, "n": n, "kafka": kafka_env}, "seconds": total, "results": rows}, f,
+                  indent=2)
+    print(f"wrote {args.kafka_out}")
+    return 1 if wrong else 0
+
+
+def _bench_local(args: argparse.Namespace, names: list[str], n: int, kinds: list[str], base: pipes.Settings,
+                 root: str | None, env: dict) -> int:
     selected = [WORKLOADS[w] for w in names] if names else list(WORKLOADS.values())
     print(f"pipes bench: N={n:,} x ~{env['value_bytes']} B JSON values, {N_USERS:,} users; python {env['python']}, "
           f"{env['loop']}, {env['cpus']} cpus, git {env['git'] or '?'}; local:// under {env['data_root']}")
@@ -340,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     encode_s = time.perf_counter() - t
     rows: list[dict] = []
     for wl in selected:
-        rows += measure(wl, n, kinds, inputs, base, root, max(1, args.repeat))
+        rows += measure(wl, n, kinds, inputs, base, root, max(1, args.repeat or 1))
     total = time.perf_counter() - started
     print(f"\n{len(rows)} measurements in {total:.0f} s (encoding the input once: {encode_s:.2f} s)")
     wrong = [r for r in rows if not r["ok"]]
