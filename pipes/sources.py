@@ -99,6 +99,11 @@ class Source:
 
     async def run(self, ckpt: Any) -> None:
         if self.done:
+            target = self.node.target
+            if is_connector(target) and hasattr(target, "committed") and self.state:
+                # Its last checkpoint is durable, but the worker may have stopped before telling it.
+                await maybe_await(target.restore(self.state))
+                await maybe_await(target.committed(self.state))
             return
         try:
             await self._run(ckpt)

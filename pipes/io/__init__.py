@@ -5,9 +5,10 @@ A sink is an object with ``write(batch)`` (a list of values) and optionally
 ``flush()`` at every checkpoint, before the checkpoint is made durable.
 """
 
-from .files import JsonLines
+from .dataset import Dataset
+from .files import CSV, Files, JsonLines, Parquet
 from .postgres import PostgresSink, PostgresSource
 from .redis import RedisStreamSink, RedisStreamSource
 from .stdio import Stdout
 
-__all__ = ["JsonLines", "PostgresSink", "PostgresSource", "RedisStreamSink", "RedisStreamSource", "Stdout"]
+__all__ = ["CSV", "Dataset", "Files", "JsonLines", "Parquet", "PostgresSink", "PostgresSource", "RedisStreamSink", "RedisStreamSource", "Stdout"]

@@ -26,8 +26,8 @@ from .dataset import STAGING, Parts, csv_cell, fsync_dir, lock_dir, need_pyarrow
 
 log = logging.getLogger("pipes")
 
-_CHUNK = 256 * 1024  # bytes read at a time; the event loop gets control between chunks
-_PARQUET_BATCH = 4096  # rows read at a time from a Parquet file
+_CHUNK = 64 * 1024  # bytes read at a time; the event loop gets control between chunks
+_PARQUET_BATCH = 1024  # rows read at a time from a Parquet file
 _BOM = b"\xef\xbb\xbf"
 
 
