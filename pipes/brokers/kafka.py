@@ -529,8 +529,8 @@ class KafkaConsumer:
         for tp, msgs in data.items():
             if not msgs:
                 continue
-            recs = [(m.offset, m.key, m.value if m.value is not None else b"", tuple(m.headers) or None, m.timestamp)
-                    for m in msgs]
+            recs = [(m.offset, m.key, b"" if (v := m.value) is None else v, tuple(h) if (h := m.headers) else None,
+                     m.timestamp) for m in msgs]
             self.positions[(tp.topic, tp.partition)] = msgs[-1].offset + 1
             out.append((tp.topic, tp.partition, recs))
         return out
