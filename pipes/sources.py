@@ -68,19 +68,16 @@ class Source:
         return pickle.dumps({"state": state, "count": self.count, "done": self.done}, protocol=5)
 
     def _mark_consistent(self) -> None:
-        """Remember the checkpoint as of the item just produced. A connector's checkpoint()
-        value is kept as it is; a state dict, which changes in place, is copied (pickled)."""
-        target = self.node.target
-        if is_connector(target):
-            self._consistent = {"state": target.checkpoint(), "count": self.count, "done": self.done}
-        else:
+        """Remember the checkpoint as of the item just produced: a state dict, which changes in
+        place, is copied (pickled). A connector needs no copy: its checkpoint() describes the
+        position after the last item it gave out, so it is asked at checkpoint time."""
+        if not is_connector(self.node.target):
             self._consistent = self._payload()
 
     def snapshot(self, into: dict[str, bytes]) -> None:
         if self._changed:
             self._changed = False
-            c = self._consistent
-            raw = self._payload() if c is None else c if isinstance(c, bytes) else pickle.dumps(c, protocol=5)
+            raw = self._consistent if self._consistent is not None else self._payload()
             into[self.id] = self._snapshotted = raw
 
     async def committed(self) -> None:

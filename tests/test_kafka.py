@@ -185,3 +185,15 @@ def test_kafka_urls_carry_credentials_that_are_never_shown():
     assert opts["sasl_mechanism"] == "SCRAM-SHA-256" and opts["request_timeout_ms"] == 5000
     shown = redact("kafka://alice:s3cret@h1:9092?sasl_plain_password=x2&security_protocol=SASL_SSL")
     assert "s3cret" not in shown and "x2" not in shown and "alice" in shown
+
+
+def test_url_options_reach_only_the_clients_that_take_them():
+    from pipes.brokers.kafka import client_options
+
+    _, opts = parse_url("kafka://h:9092?session_timeout_ms=6000&linger_ms=5&request_timeout_ms=9000")
+    producer = client_options(opts, "producer", {"linger_ms": 1})
+    consumer = client_options(opts, "consumer")
+    admin = client_options(opts, "admin")
+    assert producer == {"linger_ms": 5, "request_timeout_ms": 9000}
+    assert consumer == {"session_timeout_ms": 6000, "request_timeout_ms": 9000}
+    assert admin == {"request_timeout_ms": 9000}

@@ -45,7 +45,17 @@ _P = struct.Struct(">I")
 _Q = struct.Struct(">Q")
 _SECRET_OPTIONS = {"sasl_plain_password", "sasl_oauth_token", "ssl_password"}
 _INT_OPTIONS = {"request_timeout_ms", "metadata_max_age_ms", "session_timeout_ms", "heartbeat_interval_ms",
-                "max_poll_interval_ms", "rebalance_timeout_ms", "linger_ms", "max_batch_size"}
+                "max_poll_interval_ms", "rebalance_timeout_ms", "linger_ms", "max_batch_size",
+                "max_request_size", "connections_max_idle_ms", "retry_backoff_ms"}
+# URL options that only one kind of client takes; the rest go to every client.
+_CONSUMER_ONLY = {"session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms", "rebalance_timeout_ms"}
+_PRODUCER_ONLY = {"linger_ms", "max_batch_size", "max_request_size", "compression_type"}
+
+
+def client_options(options: dict[str, Any], kind: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The URL options one kind of client ("producer", "consumer", "admin") accepts, over `defaults`."""
+    drop = {"producer": _CONSUMER_ONLY, "consumer": _PRODUCER_ONLY, "admin": _CONSUMER_ONLY | _PRODUCER_ONLY}[kind]
+    return {**(defaults or {}), **{k: v for k, v in options.items() if k not in drop}}
 
 
 def parse_url(url: str) -> tuple[str, dict[str, Any]]:
@@ -119,8 +129,8 @@ class KafkaBroker:
         if self.settings.guarantee == "exactly_once":
             await self._check_transactions()
         try:
-            self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=1,
-                                             max_batch_size=1 << 20, max_request_size=16 << 20, **self.options)
+            self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", **client_options(
+                self.options, "producer", {"linger_ms": 1, "max_batch_size": 1 << 20, "max_request_size": 16 << 20}))
             await self.producer.start()
         except KafkaError as e:
             await self.producer.stop()
@@ -150,7 +160,7 @@ class KafkaBroker:
     async def _check_transactions(self) -> None:
         """exactly_once needs Kafka transactions: fail clearly where the broker has none."""
         probe = AIOKafkaProducer(bootstrap_servers=self.bootstrap, transactional_id=f"{self.app}.pipes-probe",
-                                 enable_idempotence=True, **self.options)
+                                 enable_idempotence=True, **client_options(self.options, "producer"))
         try:
             await asyncio.wait_for(probe.start(), 30)
         except (KafkaError, TimeoutError) as e:
@@ -164,7 +174,7 @@ class KafkaBroker:
                           "use guarantee='at_least_once' (keyed state is exactly-once either way)")
 
     async def _ensure(self, wanted: dict[str, tuple[int, dict[str, str]]]) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.options)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **client_options(self.options, "admin"))
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -205,7 +215,7 @@ class KafkaBroker:
 
     async def describe(self, topic: str) -> int | None:
         """Partitions of an existing topic, or None (without letting the broker auto-create it)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.options)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **client_options(self.options, "admin"))
         await admin.start()
         try:
             if topic not in await admin.list_topics():
@@ -242,7 +252,7 @@ class KafkaBroker:
     async def _replay(self, group: str, logs: list[tuple[str, int, str, bytes]]) -> None:
         """Apply changelog records from each log's recorded position to its end."""
         c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest", **self.options)
+                             auto_offset_reset="earliest", **client_options(self.options, "consumer"))
         await c.start()
         try:
             todo: dict[TopicPartition, tuple[str, bytes]] = {}
@@ -400,12 +410,12 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         tps = [(tp.topic, tp.partition) for tp in revoked]
+        if tps and self.consumer.listener is not None:
+            await self._call(self.consumer.listener.revoked, tps)  # its checkpoint commits offsets
         self.consumer.owned = set()
         for tp in tps:
             self.consumer.positions.pop(tp, None)
             self.consumer.floors.pop(tp, None)
-        if tps and self.consumer.listener is not None:
-            await self._call(self.consumer.listener.revoked, tps)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         tps = [(tp.topic, tp.partition) for tp in assigned]
@@ -435,10 +445,12 @@ class KafkaConsumer:
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
         self._fetch: asyncio.Task | None = None
+        # 2 MiB per partition: large batches, yet every assigned partition gets its turn.
         self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
-                                  fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
-                                  fetch_max_wait_ms=100, **broker.options)
+                                  **client_options(broker.options, "consumer", {
+                                      "fetch_max_bytes": 64 << 20, "max_partition_fetch_bytes": 2 << 20,
+                                      "fetch_max_wait_ms": 100}))
 
     async def start(self) -> None:
         try:

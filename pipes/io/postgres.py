@@ -445,5 +445,7 @@ class PostgresSink:
 def _retryable() -> tuple[type[BaseException], ...]:
     """Errors after which the same transaction may succeed on a new connection."""
     asyncpg = _asyncpg()
+    # InternalClientError: how asyncpg may report a connection killed mid-message, under load.
     return (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+            asyncpg.exceptions.InternalClientError,
             asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TransactionRollbackError)
