@@ -399,26 +399,13 @@ def _move(path: str, directory: str) -> None:
 # -- sinks ------------------------------------------------------------------------------------
 
 
-class JsonLines:
-    """Appends each value as one line of JSON to `path` (directories are created).
-
-    Lines are written at every checkpoint, before it is committed: after a crash the
-    file may hold the lines of the last uncommitted checkpoint again (at-least-once).
-    ``fsync=True`` also survives a machine crash, at the cost of a disk sync per checkpoint.
-    """
+class _AppendingFile:
+    """A sink appending to one file: flushed (optionally fsynced) at every checkpoint."""
 
     def __init__(self, path: str, *, fsync: bool = False):
         self.path = path
         self.fsync = fsync
         self._file: Any = None
-
-    def open(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._file = open(self.path, "ab")
-
-    def write(self, batch: list[Any]) -> None:
-        dumps = orjson.dumps
-        self._file.write(b"".join(dumps(v) + b"\n" for v in batch))
 
     def flush(self) -> None:
         self._file.flush()
@@ -431,10 +418,27 @@ class JsonLines:
             self._file = None
 
     def __repr__(self) -> str:
-        return f"JsonLines({self.path!r})"
+        return f"{type(self).__name__}({self.path!r})"
 
 
-class CSV:
+class JsonLines(_AppendingFile):
+    """Appends each value as one line of JSON to `path` (directories are created).
+
+    Lines are written at every checkpoint, before it is committed: after a crash the
+    file may hold the lines of the last uncommitted checkpoint again (at-least-once).
+    ``fsync=True`` also survives a machine crash, at the cost of a disk sync per checkpoint.
+    """
+
+    def open(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._file = open(self.path, "ab")
+
+    def write(self, batch: list[Any]) -> None:
+        dumps = orjson.dumps
+        self._file.write(b"".join(dumps(v) + b"\n" for v in batch))
+
+
+class CSV(_AppendingFile):
     """Appends each value as one CSV row to `path` (directories are created).
 
     A dict is written under the file's header: the header already in the file, else
@@ -449,10 +453,8 @@ class CSV:
     """
 
     def __init__(self, path: str, *, columns: list[str] | None = None, fsync: bool = False):
-        self.path = path
+        super().__init__(path, fsync=fsync)
         self.columns = list(columns) if columns is not None else None
-        self.fsync = fsync
-        self._file: Any = None
         self._header: list[str] | None = None
 
     def open(self) -> None:
@@ -497,19 +499,6 @@ class CSV:
         if header is not None and self._header is None:
             self._set_header(header)
         self._writer.writerows(rows)
-
-    def flush(self) -> None:
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __repr__(self) -> str:
-        return f"CSV({self.path!r})"
 
 
 class Parquet:
