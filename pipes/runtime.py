@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .brokers import Broker, connect, lease_topic
+from .brokers import Broker, Consumer, connect, lease_topic
 from .checkpoint import Checkpoint
 from .errors import ProcessingError
 from .nodes import Sink, Transform
@@ -47,7 +47,7 @@ class TopologyRunner:
                 self.by_topic.setdefault(t, []).append(proc)
         self.ckpt.tables = list(self.tables.values())
         self.ckpt.sinks = self.sinks
-        self.consumer = None
+        self.consumer: Consumer | None = None
         self.busy = False
         self.started = False
         self.stopping = False
@@ -61,7 +61,7 @@ class TopologyRunner:
         """Started, nothing running or pending, the sources this worker runs finished, every
         assigned input consumed."""
         return (self.started and not self.busy and not self.ckpt.pending and all(s.done for s in self.sources)
-                and (self.consumer is None or self.consumer.caught_up()))
+                and self.consumer.caught_up())
 
     def stop(self) -> None:
         self.stopping = True
@@ -114,17 +114,16 @@ class TopologyRunner:
 
     # -- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
+        # Every topology consumes something: its input topics, its lease topic, or both.
         topics = list(self.by_topic) + ([self.lease] if self.lease else [])
-        self.consumer = self.broker.consumer(self.topology.group, topics, self) if topics else None
-        wake_event = asyncio.Event()
-        self.ckpt.wake = self.consumer.wake if self.consumer else wake_event.set
+        self.consumer = self.broker.consumer(self.topology.group, topics, self)
+        self.ckpt.wake = self.consumer.wake
         for sink in self.sinks:
             await sink.open()
         try:
-            if self.consumer is not None:
-                await self.consumer.start()
+            await self.consumer.start()
             self.started = True
-            await self._loop(wake_event)
+            await self._loop()
             async with self._lock:
                 await self._stop_sources()
                 await self.ckpt.commit()
@@ -136,28 +135,16 @@ class TopologyRunner:
         finally:
             for sink in self.sinks:
                 await sink.close()
-            if self.consumer is not None:
-                await self.consumer.close()
+            await self.consumer.close()
 
-    async def _loop(self, wake_event: asyncio.Event) -> None:
+    async def _loop(self) -> None:
         ckpt = self.ckpt
         consumer = self.consumer
         max_records = self.settings.poll_records
         by_topic = self.by_topic
         while not self.stopping:
             timeout = 0.0 if ckpt.pending else self.settings.commit_interval
-            if consumer is not None:
-                polled = await consumer.poll(max_records, timeout)
-            else:
-                polled = []
-                if timeout:
-                    try:
-                        await asyncio.wait_for(wake_event.wait(), timeout)
-                    except TimeoutError:
-                        pass
-                    wake_event.clear()
-                else:
-                    await asyncio.sleep(0)
+            polled = await consumer.poll(max_records, timeout)
             self._check_sources()
             async with self._lock:
                 n = await self._process(polled, by_topic, ckpt) if polled else 0
