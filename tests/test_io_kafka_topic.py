@@ -18,9 +18,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import pipes
-from pipes.brokers.local import LocalBroker
 from pipes.io.kafka_topic import KafkaTopic, KafkaTopicSink
-from pipes.testing import read_messages, run_app_async
+from pipes.testing import run_app_async
+from helpers import read_topic, run_until
 
 
 def _bootstrap(url: str) -> str:
@@ -54,29 +54,6 @@ def topic(kafka_url):
     return name
 
 
-def read_topic(data_dir: Path, topic: str) -> list[pipes.Message]:
-    app = pipes.App("probe")
-    app.sink(topic, print)
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
-
-
-async def run_until(app: pipes.App, settings: pipes.Settings, seen: list, want: int) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipes.runtime.run(app.build(settings), settings, stop=stop))
-    deadline = time.monotonic() + 20
-    while len(seen) < want:
-        assert not task.done(), task.exception()
-        assert time.monotonic() < deadline, f"{len(seen)} seen, want {want}"
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.3)
-    stop.set()
-    await task
-
-
 def by_partition(values: list[int]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for i in values:
@@ -96,10 +73,10 @@ def test_source_resumes_from_pipes_checkpoint_each_record_once(kafka_url, topic,
         return app
 
     first: list = []
-    asyncio.run(run_until(make_app(first), settings, first, 300))
+    asyncio.run(run_until(make_app(first), settings, first, 300, more=0.3))
     asyncio.run(produce(kafka_url, topic, 301, 390))  # while no worker runs
     second: list = []
-    asyncio.run(run_until(make_app(second), settings, second, 90))
+    asyncio.run(run_until(make_app(second), settings, second, 90, more=0.3))
 
     assert sorted(first) == list(range(1, 301)) and sorted(second) == list(range(301, 391))
     got = read_topic(tmp_path / "data", "copy")

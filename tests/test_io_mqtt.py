@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import aiomqtt
 import pytest
 
 import pipes
-from pipes.brokers.local import LocalBroker
 from pipes.io.mqtt import MQTT, MQTTSink
-from pipes.testing import read_messages
+from helpers import read_topic, run_until
 
 HOST, _, PORT = os.environ.get("PIPES_TEST_MQTT", "127.0.0.1:1883").partition(":")
 PORT = int(PORT)
@@ -62,29 +60,6 @@ def publish(topic: str, first: int, last: int) -> None:
             for i in range(first, last + 1):
                 await c.publish(topic, b'{"i": %d}' % i, qos=1)
     asyncio.run(go())
-
-
-def read_topic(data_dir: Path, topic: str) -> list[pipes.Message]:
-    app = pipes.App("probe")
-    app.sink(topic, print)
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
-
-
-async def run_until(app: pipes.App, settings: pipes.Settings, seen: list, want: int, more: float = 0.2) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipes.runtime.run(app.build(settings), settings, stop=stop))
-    deadline = time.monotonic() + 15
-    while len(seen) < want:
-        assert not task.done(), task.exception()
-        assert time.monotonic() < deadline, f"{len(seen)} seen, want {want}"
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(more)
-    stop.set()
-    await task
 
 
 def test_source_through_the_runtime_resumes_from_the_session(names, tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import nats
 import pytest
 
 import pipes
-from pipes.brokers.local import LocalBroker
 from pipes.io.nats import NATS, NATSSink
-from pipes.testing import read_messages, run_app
+from pipes.testing import run_app
+from helpers import read_topic, run_until
 
 URL = os.environ.get("PIPES_TEST_NATS", "nats://127.0.0.1:4222")
 
@@ -62,29 +61,6 @@ def consumer(stream: str, durable: str):
 
 async def aconsumer(stream: str, durable: str):
     return await _js(lambda j: j.consumer_info(stream, durable))
-
-
-def read_topic(data_dir: Path, topic: str) -> list[pipes.Message]:
-    app = pipes.App("probe")
-    app.sink(topic, print)
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
-
-
-async def run_until(app: pipes.App, settings: pipes.Settings, seen: list, want: int) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipes.runtime.run(app.build(settings), settings, stop=stop))
-    deadline = time.monotonic() + 15
-    while len(seen) < want:
-        assert not task.done(), task.exception()
-        assert time.monotonic() < deadline, f"{len(seen)} seen, want {want}"
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
-    stop.set()
-    await task
 
 
 def test_source_through_the_runtime_resumes_after_a_stop(stream, tmp_path):

@@ -23,6 +23,7 @@ import pipes
 from pipes.brokers.local import LocalBroker
 from pipes.io.sqs import SQS, SQSSink
 from pipes.testing import read_messages, run_app
+from helpers import read_topic, run_until
 
 MOTO = Path(sys.executable).with_name("moto_server")
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -86,29 +87,6 @@ def send(sqs, url: str, bodies: list[str]) -> list[str]:
 def counts(sqs, url: str) -> tuple[int, int]:
     a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
     return int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"])
-
-
-def read_topic(data_dir: Path, topic: str) -> list[pipes.Message]:
-    app = pipes.App("probe")
-    app.sink(topic, print)
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
-
-
-async def run_until(app: pipes.App, settings: pipes.Settings, seen: list, want: int) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipes.runtime.run(app.build(settings), settings, stop=stop))
-    deadline = time.monotonic() + 20
-    while len(seen) < want:
-        assert not task.done(), task.exception()
-        assert time.monotonic() < deadline, f"{len(seen)} seen, want {want}"
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
-    stop.set()
-    await task
 
 
 def test_source_deletes_only_after_the_checkpoint_is_durable(sqs, queue, endpoint, tmp_path, monkeypatch):
