@@ -7,12 +7,15 @@ No ``from __future__ import annotations`` here on purpose: transforms annotated 
 import asyncio
 import json
 import os
+import pickle
 from collections import Counter, defaultdict
 
 import pytest
 from aiokafka.partitioner import murmur2
 
 import pipes
+import pipes.runtime
+from pipes.store import Store, state_prefix
 from pipes.testing import run_app
 
 # -- return values --------------------------------------------------------------------------
@@ -811,3 +814,29 @@ def test_the_design_example_works_as_written(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed == [str(t) for t in expected_totals]
     assert os.listdir(tmp_path) == ["out"]  # memory:// left nothing on disk
+
+
+def test_the_design_example_works_on_local_and_resumes_without_reprocessing(tmp_path, monkeypatch, capsys):
+    # The embedded broker on disk (local://, the default), twice: the second run finds
+    # everything done and processes nothing.
+    monkeypatch.chdir(tmp_path)
+    app = design_example()
+    settings = app.settings.override(broker=f"local://{tmp_path / 'data'}")
+    first = asyncio.run(pipes.runtime.run(app.build(settings), settings, until_done=True))
+    second = asyncio.run(pipes.runtime.run(app.build(settings), settings, until_done=True))
+
+    final = defaultdict(float)
+    for i in range(1000):
+        if i * 1.5 > 100:
+            final[f"c{i % 7}"] += i * 1.5
+    lines = [json.loads(line) for line in (tmp_path / "out" / "totals.jsonl").read_text().splitlines()]
+    assert len(lines) == 933
+    assert {c: max(t["sum"] for t in lines if t["customer"] == c) for c in final} == final
+    assert (first.produced, second.produced, second.processed) == (1000, 0, 0)
+    store = Store(str(tmp_path / "data"), read_only=True)
+    try:
+        state = {k[len(state_prefix("total", 0)):].decode(): pickle.loads(v)
+                 for k, v in store.scan("state", state_prefix("total", 0))}
+    finally:
+        store.close()
+    assert state == {c: {"sum": s} for c, s in final.items()}
