@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -10,12 +11,37 @@ import pipes
 import pipes.runtime
 from pipes.brokers.local import LocalBroker
 from pipes.testing import read_messages
+from tansu import free_port  # noqa: F401  (re-exported for the tests)
+
+DSN = os.environ.get("PIPES_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def read_topic(data_dir: Path, topic: str) -> list[pipes.Message]:
-    """Every message of `topic` in a local:// data dir (read-only: a worker may be running)."""
-    app = pipes.App("probe")
-    app.sink(topic, print)
+async def sql_async(query: str, *args, fetch: bool = False):
+    import asyncpg
+
+    conn = await asyncpg.connect(DSN, timeout=5)
+    try:
+        return await (conn.fetch if fetch else conn.execute)(query, *args)
+    finally:
+        await conn.close()
+
+
+def sql(query: str, *args):
+    """One PostgreSQL statement on a connection of its own, independent of the connectors'."""
+    return asyncio.run(sql_async(query, *args))
+
+
+def rows(query: str, *args) -> list[dict]:
+    """The rows of a PostgreSQL query, as dicts."""
+    return [dict(r.items()) for r in asyncio.run(sql_async(query, *args, fetch=True))]
+
+
+def read_topic(data_dir: Path, topic: str, app: pipes.App | None = None) -> list[pipes.Message]:
+    """Every message of `topic` in a local:// data dir (read-only: a worker may be running),
+    decoded with `app`'s serializers (default: json values, str keys)."""
+    if app is None:
+        app = pipes.App("probe")
+        app.sink(topic, print)
     broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
     try:
         return read_messages(broker, app.build(), topic)

@@ -11,22 +11,17 @@ import asyncio
 import importlib
 import json
 import os
-import socket
 import sys
 import time
 import uuid
 from collections import defaultdict
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import web
 
 import pipes
-from pipes.brokers.local import LocalBroker
-from pipes.testing import read_messages
-
-DSN = os.environ.get("PIPES_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+from helpers import DSN, free_port, read_topic, sql_async
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -54,12 +49,6 @@ async def serve_handler(handler) -> tuple[web.AppRunner, int]:
     return await serve(app)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def wait_for(cond, task, seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
     while not await cond():
@@ -70,35 +59,19 @@ async def wait_for(cond, task, seconds: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def read_topic(data_dir, app: pipes.App, topic: str) -> list[pipes.Message]:
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
-
-
-async def pg(query: str, *args, fetch: bool = False):
-    conn = await asyncpg.connect(DSN, timeout=5)
-    try:
-        return await (conn.fetch if fetch else conn.execute)(query, *args)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 def pg_table():
     """A unique table name; the table and the sink's progress rows are removed afterwards."""
     try:
-        asyncio.run(pg("SELECT 1"))
+        asyncio.run(sql_async("SELECT 1"))
     except Exception as e:
         pytest.fail(f"PostgreSQL is not reachable at {DSN} ({type(e).__name__}: {e}); start it "
                     f"(`service postgresql start`) or set PIPES_TEST_POSTGRES", pytrace=False)
     table = f"pipes_test_totals_{uuid.uuid4().hex[:10]}"
     yield table
-    asyncio.run(pg(f"DROP TABLE IF EXISTS {table}"))
-    asyncio.run(pg("DELETE FROM pipes_offsets WHERE sink = $1", table))
-    asyncio.run(pg("DELETE FROM pipes_offsets_rejected WHERE sink = $1", table))
+    asyncio.run(sql_async(f"DROP TABLE IF EXISTS {table}"))
+    asyncio.run(sql_async("DELETE FROM pipes_offsets WHERE sink = $1", table))
+    asyncio.run(sql_async("DELETE FROM pipes_offsets_rejected WHERE sink = $1", table))
 
 
 def totals_of(trades: list[dict]) -> dict[str, dict]:
@@ -114,7 +87,7 @@ def totals_of(trades: list[dict]) -> dict[str, dict]:
 
 
 async def table_rows(table: str) -> dict[str, dict]:
-    return {r["symbol"]: dict(r.items()) for r in await pg(f"SELECT * FROM {table}", fetch=True)}
+    return {r["symbol"]: dict(r.items()) for r in await sql_async(f"SELECT * FROM {table}", fetch=True)}
 
 
 # -- apps/sse_totals.py -----------------------------------------------------------------------
@@ -168,7 +141,7 @@ def test_sse_totals_upserts_running_totals_per_symbol(tmp_path, monkeypatch, pg_
         assert got[symbol] == pytest.approx(row), symbol
     assert sum(r["trades"] for r in got.values()) == len(trades)
     assert feed.requests[:2] == [None, "150"] and feed.requests[-1] == str(len(trades) + 1)
-    dead = read_topic(data, mod.app, "trades.dlq")
+    dead = read_topic(data, app=mod.app, topic="trades.dlq")
     assert [m.value for m in dead] == [bad]
 
 
@@ -261,7 +234,7 @@ def test_ingest_service_writes_valid_events_to_the_dataset_and_bad_ones_to_the_d
     mod = asyncio.run(main())
     rows = list(pipes.io.Dataset(str(out)).read())
     assert rows == [expected_row(e) for e in valid]  # all of them, once each, in order
-    dead = read_topic(data, mod.app, "raw_events.dlq")
+    dead = read_topic(data, app=mod.app, topic="raw_events.dlq")
     assert [m.value for m in dead] == invalid
     assert all(m.headers.get("pipes.error.type") for m in dead)
-    assert [m.value for m in read_topic(data, mod.app, "raw_events")] == events
+    assert [m.value for m in read_topic(data, app=mod.app, topic="raw_events")] == events

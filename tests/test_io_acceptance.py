@@ -24,19 +24,17 @@ import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 
 import pipes
-from pipes.brokers.local import LocalBroker
-from pipes.testing import read_messages
+from helpers import DSN, free_port, read_topic, rows, sql
+
 
 pytestmark = pytest.mark.slow
 
 APPS = Path(__file__).with_name("acceptance_apps.py")
 PIPES_CLI = Path(sys.executable).with_name("pipes")
-DSN = os.environ.get("PIPES_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 SEED = int(os.environ.get("ACCEPT_SEED", "20240611"))
 
 
@@ -75,23 +73,6 @@ class Workers:
 N_ROWS = 100_000
 
 
-async def _sql(query: str, *args, fetch: bool = False):
-    conn = await asyncpg.connect(DSN, timeout=5)
-    try:
-        return await (conn.fetch if fetch else conn.execute)(query, *args)
-    finally:
-        await conn.close()
-
-
-def sql(query: str, *args):
-    """One statement on a connection of its own, independent of the connector's."""
-    return asyncio.run(_sql(query, *args))
-
-
-def fetch(query: str, *args) -> list[dict]:
-    return [dict(r.items()) for r in asyncio.run(_sql(query, *args, fetch=True))]
-
-
 @pytest.fixture
 def pg_table():
     try:
@@ -117,7 +98,7 @@ def test_postgres_sink_exactly_once_across_three_random_sigkills(pg_table, tmp_p
         ACCEPT_COMMIT_EVERY="200", ACCEPT_COMMIT_INTERVAL="0.05", ACCEPT_SINK_BATCH="20"))
 
     def count() -> int:
-        return fetch(f"SELECT count(*) AS n FROM {pg_table}")[0]["n"]
+        return rows(f"SELECT count(*) AS n FROM {pg_table}")[0]["n"]
 
     # Each life is killed once the table has grown past a random row count drawn from its
     # own stretch of the run (so the three kills spread over it), after a further random
@@ -151,10 +132,10 @@ def test_postgres_sink_exactly_once_across_three_random_sigkills(pg_table, tmp_p
     print(workers.log(final).strip().splitlines()[-1])
 
     # The independent check: every id 0..99,999 exactly once, with its values.
-    stats = fetch(f"SELECT count(*) AS n, count(DISTINCT id) AS ids, min(id) AS lo, max(id) AS hi, "
+    stats = rows(f"SELECT count(*) AS n, count(DISTINCT id) AS ids, min(id) AS lo, max(id) AS hi, "
                   f"count(*) FILTER (WHERE v <> id % 1009 OR name <> 'row ' || id) AS wrong FROM {pg_table}")[0]
     assert stats == {"n": N_ROWS, "ids": N_ROWS, "lo": 0, "hi": N_ROWS - 1, "wrong": 0}, stats
-    doubled = fetch(f"SELECT id, count(*) AS n FROM {pg_table} GROUP BY id HAVING count(*) > 1 LIMIT 10")
+    doubled = rows(f"SELECT id, count(*) AS n FROM {pg_table} GROUP BY id HAVING count(*) > 1 LIMIT 10")
     assert doubled == []
 
 
@@ -163,12 +144,6 @@ LOAD_SECONDS = 10.0
 LOAD_MAX_REQUESTS = 150_000
 LOAD_CONCURRENCY = 100
 MIN_RATE = 2_000  # requests/s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, workers: Workers, seconds: float = 15.0) -> None:
@@ -181,16 +156,6 @@ def wait_listening(port: int, proc: subprocess.Popen, workers: Workers, seconds:
         except OSError:
             assert time.monotonic() < deadline, f"nothing listens on {port} after {seconds} s"
             time.sleep(0.05)
-
-
-def read_topic(data_dir: Path, topic: str) -> list[pipes.Message]:
-    app = pipes.App("probe")
-    app.sink(topic, print)
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
 
 
 def test_http_ingest_under_load_loses_no_accepted_request(tmp_path):

@@ -17,7 +17,8 @@ from aiohttp import web
 import pipes
 from pipes.brokers.local import LocalBroker
 from pipes.io.http import HTTP, SSE, HTTPIngest
-from pipes.testing import read_messages, run_app_async
+from pipes.testing import run_app_async
+from helpers import read_topic
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -30,16 +31,6 @@ async def serve(handler, path: str = "/", method: str = "GET") -> tuple[web.AppR
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return runner, f"http://127.0.0.1:{port}{path}"
-
-
-def read_topic(data_dir, topic: str) -> list[pipes.Message]:
-    app = pipes.App("probe")
-    app.sink(topic, print)
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
 
 
 async def wait_for(cond, task=None, seconds: float = 10.0) -> None:

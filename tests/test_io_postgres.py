@@ -29,27 +29,10 @@ from pipes.brokers.local import LocalBroker
 from pipes.errors import ConfigError
 from pipes.io.postgres import PostgresSink, PostgresSource
 from pipes.store import Store
-from pipes.testing import read_messages, run_app
+from pipes.testing import run_app
+from helpers import DSN, read_topic, rows, sql, sql_async
 
-DSN = os.environ.get("PIPES_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 PIPES_CLI = Path(sys.executable).with_name("pipes")
-
-
-async def _sql(query: str, *args, fetch: bool = False):
-    conn = await asyncpg.connect(DSN, timeout=5)
-    try:
-        return await (conn.fetch if fetch else conn.execute)(query, *args)
-    finally:
-        await conn.close()
-
-
-def sql(query: str, *args):
-    """Run one statement on a connection of its own (independent of the connectors)."""
-    return asyncio.run(_sql(query, *args))
-
-
-def rows(query: str, *args) -> list[dict]:
-    return [dict(r.items()) for r in asyncio.run(_sql(query, *args, fetch=True))]
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +59,6 @@ def names(postgres):
     for t in made:
         for table in (t, f"{t}_rejected", f"{t}_offsets", f"{t}_offsets_rejected"):
             sql(f"DROP TABLE IF EXISTS {table}")
-
-
-def read_topic(data_dir: Path, app: pipes.App, topic: str) -> list[pipes.Message]:
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
 
 
 # -- the source ----------------------------------------------------------------------------
@@ -145,7 +120,7 @@ def test_source_resumes_after_a_stop_and_picks_up_new_rows(names, tmp_path):
             assert not task.done(), task.exception()
             assert time.monotonic() < deadline, f"{len(seen)} rows seen, want {until}"
             if insert and not inserted and len(seen) >= 100:  # rows that commit while it runs
-                await _sql(f"INSERT INTO {t} (v) SELECT g FROM generate_series($1::int, $2::int) g", *insert)
+                await sql_async(f"INSERT INTO {t} (v) SELECT g FROM generate_series($1::int, $2::int) g", *insert)
                 inserted = True
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # a few more polls: nothing else may come
@@ -161,7 +136,7 @@ def test_source_resumes_after_a_stop_and_picks_up_new_rows(names, tmp_path):
     assert first == list(range(1, 501))
     assert second == list(range(501, 751))  # resumed after the last row of the first life
     want = [r["id"] for r in rows(f"SELECT id FROM {t} ORDER BY id")]
-    assert [m.value["id"] for m in read_topic(tmp_path / "data", make_app([]), "rows")] == want
+    assert [m.value["id"] for m in read_topic(tmp_path / "data", app=make_app([]), topic="rows")] == want
     assert len(want) == 750
 
 
@@ -212,8 +187,8 @@ def test_source_connects_again_when_its_connection_is_lost(names):
         await source.open()
         try:
             got = [(await source.read())["id"] for _ in range(3)]  # 3 given, 4 read ahead
-            await _sql("SELECT pg_terminate_backend($1)", source._conn.get_server_pid())
-            await _sql(f"INSERT INTO {t} SELECT generate_series(6, 8)")
+            await sql_async("SELECT pg_terminate_backend($1)", source._conn.get_server_pid())
+            await sql_async(f"INSERT INTO {t} SELECT generate_series(6, 8)")
             got += [(await source.read())["id"] for _ in range(5)]
             return got
         finally:
@@ -324,7 +299,7 @@ def test_sink_a_batch_rejected_before_a_crash_is_rejected_again_not_skipped(name
             await first.write(batch(range(0, 4), bad=2))
         await first.write(batch(range(4, 8)))
         await first.close()  # killed before its checkpoint: A and B come again
-        assert len(await _sql(f"SELECT * FROM {offsets}_rejected", fetch=True)) == 4
+        assert len(await sql_async(f"SELECT * FROM {offsets}_rejected", fetch=True)) == 4
 
         second = PostgresSink(DSN, t, offsets_table=offsets)
         await second.open()
@@ -371,7 +346,7 @@ def test_sink_retries_a_lost_connection_at_the_checkpoint(names):
             await locking.rollback()
             await locker.close()
             await sink.write(batch(range(10, 12)))  # behind it, in order
-            assert len(await _sql(f"SELECT * FROM {t}", fetch=True)) == 5
+            assert len(await sql_async(f"SELECT * FROM {t}", fetch=True)) == 5
             await sink.flush()  # a new connection
             assert sink.written == 12
         finally:

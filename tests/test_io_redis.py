@@ -24,9 +24,9 @@ import pytest
 import redis
 
 import pipes
-from pipes.brokers.local import LocalBroker
 from pipes.io.redis import RedisStreamSink, RedisStreamSource
-from pipes.testing import read_messages, run_app
+from pipes.testing import run_app
+from helpers import read_topic
 
 URL = os.environ.get("PIPES_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PIPES_CLI = Path(sys.executable).with_name("pipes")
@@ -68,16 +68,6 @@ def add(r, s: str, first: int, last: int) -> list[str]:
 
 def pending(r, s: str, group: str) -> int:
     return r.xpending(s, group)["pending"]
-
-
-def read_topic(data_dir: Path, topic: str) -> list[pipes.Message]:
-    app = pipes.App("probe")
-    app.sink(topic, print)
-    broker = LocalBroker(str(data_dir), pipes.Settings(), read_only=True)
-    try:
-        return read_messages(broker, app.build(), topic)
-    finally:
-        asyncio.run(broker.close())
 
 
 async def run_until(app: pipes.App, settings: pipes.Settings, seen: list, want: int, during=None) -> None:

@@ -23,7 +23,7 @@ import pipes
 from pipes.brokers.local import LocalBroker
 from pipes.io.sqs import SQS, SQSSink
 from pipes.testing import read_messages, run_app
-from helpers import read_topic, run_until
+from helpers import free_port, read_topic, run_until
 
 MOTO = Path(sys.executable).with_name("moto_server")
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -31,15 +31,9 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
     os.environ.setdefault(_k, _v)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
