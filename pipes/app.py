@@ -17,6 +17,7 @@ from .settings import Settings
 from .topology import Graph, Node, TopicSpec, Topology
 
 _ON_ERROR = ("dlq", "stop", "skip")
+MODES = ("global", "isolated", "isolated_legacy", "process")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,11 @@ class _Builder:
     # -- transforms ------------------------------------------------------------
     def transform(self, topic: TopicRef | list[TopicRef], *, to: TopicRef | list[TopicRef] | None = None,
                   key: str | Callable[[Any], Any] | None = None, name: str | None = None,
-                  on_error: str | None = None) -> Callable[[Callable], Callable]:
-        """A transform from `topic` to `to`: returns one message, None to drop, or yields many."""
+                  on_error: str | None = None, mode: str = "global",
+                  workers: int | None = None) -> Callable[[Callable], Callable]:
+        """A transform from `topic` to `to`: returns one message, None to drop, or yields many.
+        ``mode`` runs it in the main interpreter (``global``), a pool of sub-interpreters
+        (``isolated``, ``isolated_legacy``) or of processes (``process``) of ``workers``."""
 
         def record(fn: Callable) -> Callable:
             node_id = name or fn.__name__
@@ -101,6 +105,10 @@ class _Builder:
             inputs = self._app._topics_of(topic, node_id)
             outputs = self._app._topics_of(to, node_id)
             policy = self._app._policy(on_error, node_id)
+            if mode not in MODES:
+                raise ConfigError(f"transform {node_id!r}: mode={mode!r}; use one of {', '.join(MODES)}")
+            if workers is not None and (not isinstance(workers, int) or workers < 1):
+                raise ConfigError(f"transform {node_id!r}: workers= must be a positive integer, not {workers!r}")
             if key is not None and not (isinstance(key, str) or callable(key)):
                 raise ConfigError(f"transform {node_id!r}: key= takes a field name or a callable, not {key!r}")
             if stateful and key is not None:
@@ -115,7 +123,8 @@ class _Builder:
                 node_key = key
             self._app._add(Node(id=node_id, kind="transform", topology=self._topology, target=fn,
                                 inputs=inputs, outputs=outputs, key=node_key, stateful=stateful,
-                                wants_message=wants_message, on_error=policy, where=_where(fn)))
+                                wants_message=wants_message, on_error=policy, where=_where(fn),
+                                mode=mode, workers=workers or (1 if mode == "global" else 2)))
             return fn
 
         return record

@@ -72,7 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     r = app_cmd("reset", "Forget offsets, source checkpoints and keyed state, to start over.")
     r.add_argument("--topology", action="append", default=None, help="reset only this topology (repeatable)")
     r.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for module in _command_modules():
+        COMMANDS.update(module.register(sub, app_cmd))
     return p
+
+
+# Modules adding commands: each has register(subparsers, app_cmd) -> {name: function(args) -> int}.
+_EXTENSIONS = ("pipes.pipeline.commands", "pipes.ops.commands")
+
+
+def _command_modules() -> list:
+    import importlib
+    import importlib.util
+
+    def exists(name: str) -> bool:
+        parent = name.rpartition(".")[0]
+        return (parent == "pipes" or exists(parent)) and importlib.util.find_spec(name) is not None
+
+    return [importlib.import_module(m) for m in _EXTENSIONS if exists(m)]
 
 
 def _split(v: str | None) -> list[str] | None:

@@ -191,3 +191,23 @@ class Sink:
             await self._deliver(chunk, ckpt)
         if self.is_object and hasattr(self.node.target, "flush"):
             await maybe_await(self.node.target.flush())
+
+
+def processor(node: Node, graph: Graph, table: StateTable | None) -> Any:
+    """The batch processor of a transform node, chosen once when the topology starts.
+
+    A target with a ``pipes_processor(node, graph, table)`` method (windows, joins and
+    other operators built on this API) makes its own. Such a processor has ``node``,
+    ``failures`` and ``async process(topic, partition, records, ckpt)``; it may also have
+    ``async tick(now, ckpt, assigned)``, called about every ``tick_interval`` seconds of
+    wall-clock time with the assigned ``{(topic, partition): first offset}``, and ``async open()``/``async close()``. A transform with a ``mode`` other than
+    ``global`` runs in a pool (:mod:`pipes.modes`).
+    """
+    make = getattr(node.target, "pipes_processor", None)
+    if make is not None:
+        return make(node, graph, table)
+    if node.mode != "global":
+        from .modes import PooledTransform
+
+        return PooledTransform(node, graph, table)
+    return Transform(node, graph, table)

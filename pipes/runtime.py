@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .brokers import Broker, Consumer, connect, lease_topic
 from .checkpoint import Checkpoint
 from .errors import ProcessingError
-from .nodes import Sink, Transform
+from .nodes import Sink, maybe_await, processor
 from .settings import Settings
 from .sources import Source
 from .state import StateTable
@@ -36,8 +36,12 @@ class TopologyRunner:
         self.ckpt = Checkpoint(broker, topology.group, commit_interval=settings.commit_interval,
                                commit_every=settings.commit_every)
         self.tables = {n.id: StateTable(broker.store, n.id) for n in topology.nodes if n.stateful}
-        self.transforms = [Transform(n, graph, self.tables.get(n.id))
+        self.transforms = [processor(n, graph, self.tables.get(n.id))
                            for n in topology.nodes if n.kind == "transform"]
+        # Processors driven by wall-clock time too (windows closing, timers), and how often.
+        self.ticking = [p for p in self.transforms if hasattr(p, "tick")]
+        self.tick_interval = min([getattr(p, "tick_interval", 1.0) for p in self.ticking] or [settings.commit_interval])
+        self._next_tick = 0.0
         self.sinks = [Sink(n, graph) for n in topology.nodes if n.kind == "sink"]
         self.sources: list[Source] = []
         self.lease = lease_topic(topology) if topology.sources else None
@@ -118,8 +122,9 @@ class TopologyRunner:
         topics = list(self.by_topic) + ([self.lease] if self.lease else [])
         self.consumer = self.broker.consumer(self.topology.group, topics, self)
         self.ckpt.wake = self.consumer.wake
-        for sink in self.sinks:
-            await sink.open()
+        for proc in [*self.sinks, *self.transforms]:
+            if hasattr(proc, "open"):
+                await maybe_await(proc.open())
         try:
             await self.consumer.start()
             self.started = True
@@ -133,8 +138,9 @@ class TopologyRunner:
             await self._close_sources()
             raise
         finally:
-            for sink in self.sinks:
-                await sink.close()
+            for proc in [*self.sinks, *self.transforms]:
+                if hasattr(proc, "close"):
+                    await maybe_await(proc.close())
             await self.consumer.close()
 
     async def _loop(self) -> None:
@@ -143,15 +149,26 @@ class TopologyRunner:
         max_records = self.settings.poll_records
         by_topic = self.by_topic
         while not self.stopping:
-            timeout = 0.0 if ckpt.pending else self.settings.commit_interval
+            timeout = 0.0 if ckpt.pending else min(self.settings.commit_interval, self.tick_interval)
             polled = await consumer.poll(max_records, timeout)
             self._check_sources()
             async with self._lock:
                 n = await self._process(polled, by_topic, ckpt) if polled else 0
+                if self.ticking:
+                    await self._tick(ckpt)
                 ckpt.count += n
                 self.processed += n
                 if ckpt.due(backlog=n >= max_records):
                     await ckpt.commit()
+
+    async def _tick(self, ckpt: Checkpoint) -> None:
+        now = time.time()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self.tick_interval
+        assigned = self.consumer.assignment()
+        for proc in self.ticking:
+            await proc.tick(now, ckpt, assigned)
 
     async def _process(self, polled: list, by_topic: dict, ckpt: Checkpoint) -> int:
         # A rebalance may have happened since these were fetched: partitions this member no

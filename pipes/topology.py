@@ -43,6 +43,8 @@ class Node:
     on_error: OnError | None = None  # None until App.build() applies the app's setting
     internal: bool = False  # added by pipes (re-keying), not written by the user
     where: str = ""  # file:line of the user's definition, for error messages
+    mode: str = "global"  # transforms: global | isolated | isolated_legacy | process (see pipes.modes)
+    workers: int = 1  # pool size for the modes other than global
 
 
 @dataclass(frozen=True, slots=True)
