@@ -48,6 +48,10 @@ class StateTable:
         for k, state in self._dirty.items():
             into[k] = dumps(state, protocol=5) if state else None
         self._dirty = {}
+
+    def committed(self) -> None:
+        """The last drained states are durable in the store: the cache may be trimmed now
+        (not before, or a read would find the store without them)."""
         if len(self._cache) > _MAX_CACHED:
             self._cache.clear()
 

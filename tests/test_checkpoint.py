@@ -56,6 +56,9 @@ class FakeTable:
         into.update(self.changes)
         self.changes = {}
 
+    def committed(self) -> None:
+        pass
+
 
 class FakeSource:
     def __init__(self, node: str, payload: bytes, calls: list | None = None):
@@ -242,3 +245,63 @@ def test_commit_on_the_embedded_broker_partitions_outputs_by_key(tmp_path):
     assert len(set(placed.values())) > 1
     assert offsets == {("in", 0): 20}
     assert pickle.loads(state) == {"n": 1}
+
+
+class SlowBroker(RecordingBroker):
+    """A pipelined broker whose commits finish only when the test says so."""
+
+    pipelined = True
+
+    def __init__(self, calls: list, fail: Exception | None = None):
+        super().__init__(calls, fail)
+        self.release = asyncio.Event()
+
+    async def commit(self, group: str, changes: Changes) -> None:
+        self.calls.append(("begin", dict(changes.offsets)))
+        await self.release.wait()
+        self.release.clear()
+        await super().commit(group, changes)
+
+
+def test_a_pipelined_commit_returns_before_it_is_durable_and_the_next_one_waits_for_it():
+    async def main():
+        calls: list = []
+        broker = SlowBroker(calls)
+        ckpt = Checkpoint(broker, "g", commit_interval=1.0, commit_every=10)
+        ckpt.sinks = [RecordingSink("sink", calls)]
+        ckpt.offsets[("in", 0)] = 1
+        await ckpt.commit(wait=False)
+        await asyncio.sleep(0.01)
+        assert ckpt.pending and ckpt.commits == 0  # handed over, not durable
+        assert calls == [("flush", "sink"), ("begin", {("in", 0): 1})]
+        ckpt.offsets[("in", 0)] = 2  # the next batch is processed meanwhile
+        second = asyncio.create_task(ckpt.commit(wait=False))
+        await asyncio.sleep(0.01)
+        assert not second.done()  # waits for the first before flushing anything
+        assert calls[-1] == ("begin", {("in", 0): 1})
+        broker.release.set()
+        await second
+        assert ckpt.commits == 1
+        assert calls[2:5] == [("commit", "g", {}, {("in", 0): 1}, {}, {}), ("committed", "sink"), ("flush", "sink")]
+        broker.release.set()
+        await ckpt.settle()
+        assert ckpt.commits == 2 and not ckpt.pending
+        assert calls[-2:] == [("commit", "g", {}, {("in", 0): 2}, {}, {}), ("committed", "sink")]
+
+    asyncio.run(main())
+
+
+def test_a_failed_pipelined_commit_raises_at_the_next_commit_and_is_not_counted():
+    async def main():
+        calls: list = []
+        broker = SlowBroker(calls, fail=RuntimeError("broker gone"))
+        ckpt = Checkpoint(broker, "g", commit_interval=1.0, commit_every=10)
+        ckpt.offsets[("in", 0)] = 1
+        await ckpt.commit(wait=False)
+        broker.release.set()
+        ckpt.offsets[("in", 0)] = 2
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await ckpt.commit(wait=False)
+        assert ckpt.commits == 0
+
+    asyncio.run(main())
