@@ -5,6 +5,7 @@ A sink is an object with ``write(batch)`` (a list of values) and optionally
 ``flush()`` at every checkpoint, before the checkpoint is made durable.
 """
 
+from .batching import Batcher
 from .dataset import Dataset
 from .files import CSV, Files, JsonLines, Parquet
 from .http import HTTP, SSE, HTTPIngest
@@ -17,7 +18,7 @@ from .sqs import SQS, SQSSink
 from .stdio import Stdout
 
 __all__ = [
-    "CSV", "Dataset", "Files", "HTTP", "HTTPIngest", "JsonLines", "KafkaTopic", "KafkaTopicSink", "MQTT",
+    "Batcher", "CSV", "Dataset", "Files", "HTTP", "HTTPIngest", "JsonLines", "KafkaTopic", "KafkaTopicSink", "MQTT",
     "MQTTSink", "NATS", "NATSSink", "Parquet", "PostgresSink", "PostgresSource", "RedisStreamSink",
     "RedisStreamSource", "SQS", "SQSSink", "SSE", "Stdout",
 ]
