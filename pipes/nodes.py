@@ -8,13 +8,15 @@ generator or not, value or Message, keyed state or not) is decided then.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .emit import Emitter, decode_headers, key_getter, serializers_of
 from .failures import Failures
 from .message import Message
-from .state import StateTable
 from .topology import Graph, Node
+
+if TYPE_CHECKING:  # rocksdict (under pipes.state) cannot load in sub-interpreters
+    from .state import StateTable
 
 
 def _key_bytes(kdumps: Any, key: Any) -> bytes | None:
