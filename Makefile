@@ -19,17 +19,35 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/pipes worker -A apps.quickstart --until-done
 
-# kcat (Debian) is a third-party Kafka client for the interop tests; installed when we are root.
+# kcat (Debian) is a third-party Kafka client for the interop tests; chromium renders the
+# worker's live page in test_web.py. Installed when we are root.
 tools:
 	@command -v kcat >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat) >/dev/null 2>&1; } || \
 		echo "note: kcat is not installed; its interop test will be skipped"
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+		echo "note: chromium is not installed; the live page test will be skipped"
 
 test: $(STAMP) tools
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+# The peers pipes is measured against, in a venv of their own made from .venv's Python, so
+# they never change the versions of what pipes depends on. Bytewax has no CPython 3.13 wheel:
+# its install is tried, and when it fails the suite reports it as not measured.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS := quixstreams==3.28.1 faust-streaming==0.15.3
+
+$(PEERS_STAMP): $(STAMP)
+	@test -x $(PEERS_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --disable-pip-version-check $(PEERS)
+	@$(PEERS_VENV)/bin/python -m pip install -q --disable-pip-version-check --only-binary=:all: bytewax >/dev/null 2>&1 || \
+		echo "note: bytewax does not install on this Python (no wheel for it); the bench reports it as not measured"
+	@touch $(PEERS_STAMP)
+
+bench: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m tests.bench.run
 
 clean:
-	rm -rf $(VENV) .pipes out
+	rm -rf $(VENV) $(PEERS_VENV) .pipes out

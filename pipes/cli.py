@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--commit-interval", type=float, default=None, help="seconds between checkpoints [PIPES_COMMIT_INTERVAL]")
     w.add_argument("--commit-every", type=int, default=None, help="messages between checkpoints [PIPES_COMMIT_EVERY]")
     w.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR [PIPES_LOG_LEVEL]")
+    w.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="text (default) or json: one JSON object per log line [PIPES_LOG_FORMAT]")
+    w.add_argument("--web", default=None, metavar="HOST:PORT",
+                   help="serve /health, /ready, /metrics, /topology, /tables/NODE/KEY and a live page; "
+                        "PORT alone listens on 127.0.0.1 (default: off) [PIPES_WEB]")
+    w.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long SIGTERM/SIGINT may take to drain and checkpoint (default 30) [PIPES_SHUTDOWN_TIMEOUT]")
+    w.add_argument("--restart-attempts", type=int, default=None, metavar="N",
+                   help="restarts of a crashed topology in a row before the worker gives up (default 5; 0: never) "
+                        "[PIPES_RESTART_ATTEMPTS]")
 
     t = app_cmd("topology", "Print an app's topologies.")
     t.add_argument("--format", choices=("text", "mermaid", "dot"), default=_env("FORMAT", "text"))
@@ -106,7 +116,11 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
                       on_error=getattr(args, "on_error", None),
                       commit_interval=getattr(args, "commit_interval", None),
                       commit_every=getattr(args, "commit_every", None),
-                      log_level=getattr(args, "log_level", None))
+                      log_level=getattr(args, "log_level", None),
+                      log_format=getattr(args, "log_format", None),
+                      web=getattr(args, "web", None),
+                      shutdown_timeout=getattr(args, "shutdown_timeout", None),
+                      restart_attempts=getattr(args, "restart_attempts", None))
 
 
 def _app_and_settings(args: argparse.Namespace):
@@ -127,22 +141,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .runtime import run
 
     app, settings = _app_and_settings(args)
+    settings.check()
     logging.getLogger("pipes").setLevel(settings.log_level.upper())
+    if settings.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     graph = app.build(settings)
     selected = [t.name for t in graph.select(args.topology)]
     check_url(settings.broker)
     where = settings.broker if not settings.broker.startswith("local") else f"local://{data_dir(app.name, settings)}"
     log.info("worker for app %r, topologies %s, on %s", app.name, ", ".join(selected), where)
-    report = _run_async(run(graph, settings, topologies=selected, until_done=args.until_done, install_signals=True))
+    progress = args.until_done and sys.stderr.isatty() and settings.log_format == "text"
+    report = _run_async(run(graph, settings, topologies=selected, until_done=args.until_done, install_signals=True,
+                            restart=True, progress=progress))
     rate = report.processed / report.seconds if report.seconds else 0
     if args.until_done and report.processed == 0 and report.produced == 0:
         log.info("nothing to do: every source had finished and every topic was consumed before this run "
                  "(resumed from the checkpoint; nothing reprocessed)")
     log.info("processed %d messages (%.0f msg/s), sources produced %d, %d checkpoints in %.1f s",
              report.processed, rate, report.produced, report.commits, report.seconds)
+    if report.restarts:
+        log.info("topologies were restarted %d time%s after crashes", report.restarts, "s" if report.restarts > 1 else "")
     for line in report.lines:
         log.info("%s", line)
     return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
+
+    converter = time.gmtime
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
@@ -281,7 +316,7 @@ def cmd_state(args: argparse.Namespace) -> int:
             else:
                 raise ConfigError(f"node {node.id!r} is a stateless {node.kind}: it has no state")
         else:
-            out = {"sources": {}, "offsets": {}, "state": {}}
+            out = {"sources": {}, "offsets": {}, "state": {}, "checkpoints": _checkpoint_ages(graph, store)}
             for n in graph.nodes():
                 if n.kind == "source":
                     raw = store.get("sources", n.id.encode())
@@ -307,6 +342,22 @@ def cmd_state(args: argparse.Namespace) -> int:
     finally:
         _run_async(broker.close())
     return 0
+
+
+def _checkpoint_ages(graph: Any, store: Any) -> dict[str, Any]:
+    """Per consumer group: when its last checkpoint became durable, and how long ago."""
+    from .runtime import checkpoint_time_key
+
+    out: dict[str, Any] = {}
+    for topo in graph.topologies.values():
+        raw = store.get("meta", checkpoint_time_key(topo.group))
+        if raw is None:
+            out[topo.group] = None
+            continue
+        ms = int.from_bytes(raw, "big")
+        out[topo.group] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)),
+                           "age_seconds": round(time.time() - ms / 1000, 1)}
+    return out
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -357,6 +408,14 @@ COMMANDS = {"worker": cmd_worker, "topology": cmd_topology, "send": cmd_send, "t
             "state": cmd_state, "reset": cmd_reset}
 
 
+def _error(e: BaseException) -> None:
+    """The one line a failed command ends with (a JSON log record under --log-format json)."""
+    if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        log.error("error: %s", e)
+    else:
+        print(f"pipes: error: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="pipes: %(message)s")
@@ -365,13 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except AppImportError as e:
         traceback.print_exception(e.__cause__, file=sys.stderr)
-        print(f"pipes: error: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except ProcessingError as e:
-        print(f"pipes: error: {e}", file=sys.stderr)
+        _error(e)
         return 1
     except PipesError as e:
-        print(f"pipes: error: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except KeyboardInterrupt:
         return 130

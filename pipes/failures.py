@@ -37,7 +37,9 @@ class Failures:
         text = f"node {self.node.id!r} failed on {where(topic, partition, offset)}: {kind}: {exc}"
         policy = self.node.on_error
         if policy == "stop":
-            raise ProcessingError(text) from exc
+            error = ProcessingError(text)
+            error.stopped = True  # the worker stops, and is not restarted: the message would fail again
+            raise error from exc
         self.counts[kind] += 1
         if policy == "dlq":
             error_headers = (

@@ -4,7 +4,8 @@ A :class:`TopologyRunner` owns one topology's consumer, nodes, sources and check
 Its loop polls a batch, runs every node reading each polled partition, records the
 processed offsets, and commits when the checkpoint is due. :func:`run` runs several
 runners on one broker until they are stopped, fail, or (``until_done``) have nothing
-left to do.
+left to do; a :class:`Supervisor` per topology restarts a crashed runner when asked
+(``pipes worker``), and counts what its runners did for ``/metrics``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import struct
 import time
 from dataclasses import dataclass, field
 
 from .brokers import Broker, Consumer, connect, lease_topic
 from .checkpoint import Checkpoint
-from .errors import ProcessingError
+from .errors import ConfigError, ProcessingError
+from .metrics import TopologyMetrics
 from .nodes import Sink, maybe_await, processor
 from .settings import Settings
 from .sources import Source
@@ -25,10 +28,17 @@ from .state import StateTable
 from .topology import Graph, Topology
 
 log = logging.getLogger("pipes")
+_MS = struct.Struct(">Q")
+
+
+def checkpoint_time_key(group: str) -> bytes:
+    """Meta key of a consumer group's last durable checkpoint time (ms since the epoch)."""
+    return b"checkpoint\0" + group.encode()
 
 
 class TopologyRunner:
-    def __init__(self, topology: Topology, graph: Graph, broker: Broker, settings: Settings):
+    def __init__(self, topology: Topology, graph: Graph, broker: Broker, settings: Settings,
+                 metrics: TopologyMetrics | None = None):
         self.topology = topology
         self.graph = graph
         self.broker = broker
@@ -45,15 +55,20 @@ class TopologyRunner:
         self.sinks = [Sink(n, graph) for n in topology.nodes if n.kind == "sink"]
         self.sources: list[Source] = []
         self.lease = lease_topic(topology) if topology.sources else None
+        # Per input topic: (processor, its metrics, the buffers of its output topics).
+        self.metrics = metrics or TopologyMetrics()
         self.by_topic: dict[str, list] = {}
         for proc in [*self.transforms, *self.sinks]:
+            counted = (proc, self.metrics.node(proc.node.id), [self.ckpt.buffer(t) for t in proc.node.outputs])
             for t in proc.node.inputs:
-                self.by_topic.setdefault(t, []).append(proc)
+                self.by_topic.setdefault(t, []).append(counted)
+        self.ckpt.on_commit.append(self._checkpointed)
         self.ckpt.tables = list(self.tables.values())
         self.ckpt.sinks = self.sinks
         self.consumer: Consumer | None = None
         self.busy = False
         self.started = False
+        self.ready = False  # started, assigned its partitions, and their state restored
         self.stopping = False
         self.processed = 0
         self.produced = 0
@@ -73,10 +88,12 @@ class TopologyRunner:
 
     # -- partitions come and go -----------------------------------------------------
     async def assigned(self, tps: list[tuple[str, int]]) -> None:
+        self.ready = False  # until the state of what it gained is restored
         async with self._lock:
             await self.broker.restore(self.topology, tps)
             if self.lease is not None and (self.lease, 0) in tps:
                 self._start_sources()
+            self.ready = True
 
     async def revoked(self, tps: list[tuple[str, int]]) -> None:
         async with self._lock:
@@ -108,6 +125,7 @@ class TopologyRunner:
         """After the checkpoint that covers what they produced: close connectors."""
         for source in self.sources:
             await source.close()
+            self.metrics.node(source.id).messages_out += source.produced
         self.produced += sum(s.produced for s in self.sources)
         self.sources = self.ckpt.sources = []
 
@@ -115,6 +133,13 @@ class TopologyRunner:
         for task in self._source_tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()
+
+    def _checkpointed(self) -> None:
+        """A checkpoint is durable: time it (from when its changes were collected) and record
+        when, for `pipes state` and the checkpoint-age metric."""
+        self.metrics.checkpoints.observe(time.monotonic() - self.ckpt.started)
+        self.metrics.last_checkpoint = now = time.time()
+        self.broker.store.put("meta", checkpoint_time_key(self.topology.group), _MS.pack(int(now * 1000)))
 
     # -- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -133,8 +158,14 @@ class TopologyRunner:
                 await self._stop_sources()
                 await self.ckpt.commit()
                 await self._close_sources()
-        except BaseException:
+        except BaseException as e:
             await self._stop_sources()
+            if isinstance(e, Exception):
+                # A checkpoint still in flight ends (durable, or not) before a restart begins.
+                try:
+                    await self.ckpt.settle()
+                except Exception:
+                    pass  # the error being raised says what went wrong
             await self._close_sources()
             raise
         finally:
@@ -159,7 +190,7 @@ class TopologyRunner:
                 ckpt.count += n
                 self.processed += n
                 if ckpt.due(backlog=n >= max_records):
-                    await ckpt.commit()
+                    await ckpt.commit(wait=False)
 
     async def _tick(self, ckpt: Checkpoint) -> None:
         now = time.time()
@@ -177,6 +208,7 @@ class TopologyRunner:
         floors = self.consumer.assignment()
         n = 0
         self.busy = True
+        clock = time.perf_counter
         try:
             for topic, partition, records in polled:
                 floor = floors.get((topic, partition))
@@ -186,8 +218,13 @@ class TopologyRunner:
                     records = [r for r in records if r[0] >= floor]
                     if not records:
                         continue
-                for proc in by_topic.get(topic, ()):
+                for proc, m, outs in by_topic.get(topic, ()):
+                    before = sum(map(len, outs))
+                    began = clock()
                     await proc.process(topic, partition, records, ckpt)
+                    m.batches.observe(clock() - began)
+                    m.messages_in += len(records)
+                    m.messages_out += sum(map(len, outs)) - before
                 ckpt.offsets[(topic, partition)] = records[-1][0] + 1
                 n += len(records)
         finally:
@@ -213,22 +250,118 @@ class Report:
     produced: int = 0  # messages produced by sources
     commits: int = 0
     seconds: float = 0.0
+    restarts: int = 0
     lines: list[str] = field(default_factory=list)
 
 
+class Supervisor:
+    """Runs one topology, and with `restart` starts it again after a crash (a source or
+    connector raising, a sink's flush failing, the broker going away): a new runner resumes
+    from the last checkpoint, after an exponential backoff. It gives up, and the worker
+    fails, after ``restart_attempts`` restarts in a row; a runner that stayed up for
+    ``restart_backoff_max`` seconds counts as recovered. A node whose policy is ``stop``
+    and configuration errors are never restarted."""
+
+    def __init__(self, topology: Topology, graph: Graph, broker: Broker, settings: Settings, restart: bool):
+        self.topology = topology
+        self.graph = graph
+        self.broker = broker
+        self.settings = settings
+        self.restart = restart
+        self.metrics = TopologyMetrics()
+        self.runner: TopologyRunner | None = None
+        self.stopping = False
+        self._wake = asyncio.Event()
+        self._done = Report()  # what runners that crashed had done
+
+    @property
+    def ready(self) -> bool:
+        return self.runner is not None and self.runner.ready
+
+    def idle(self) -> bool:
+        return self.runner is not None and self.runner.idle()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake.set()
+        if self.runner is not None:
+            self.runner.stop()
+
+    async def run(self) -> None:
+        s = self.settings
+        failures = 0
+        while not self.stopping:
+            self.runner = runner = TopologyRunner(self.topology, self.graph, self.broker, s, self.metrics)
+            began = time.monotonic()
+            try:
+                await runner.run()
+                return
+            except Exception as e:
+                if not self.restart or self.stopping or isinstance(e, ConfigError) or getattr(e, "stopped", False):
+                    raise
+                self._absorb(runner)
+                failures = 1 if time.monotonic() - began >= s.restart_backoff_max else failures + 1
+                if failures > s.restart_attempts:
+                    raise ProcessingError(f"topology {self.topology.name!r} gave up after {s.restart_attempts} "
+                                          f"restart{'s' if s.restart_attempts != 1 else ''}: {e}") from e
+                delay = min(s.restart_backoff * 2 ** (failures - 1), s.restart_backoff_max)
+                log.error("topology %r failed: %s: %s; restarting it from its last checkpoint in %.1f s "
+                          "(restart %d of at most %d in a row)", self.topology.name, type(e).__name__, e,
+                          delay, failures, s.restart_attempts)
+                self.metrics.restarts += 1
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except TimeoutError:
+                    pass
+
+    def _absorb(self, runner: TopologyRunner) -> None:
+        self._done.processed += runner.processed
+        self._done.produced += runner.produced  # its sources were closed and counted
+        self._done.commits += runner.ckpt.commits
+
+    def counts(self) -> tuple[int, int]:
+        """Messages consumed and produced so far, by this topology's runners in this process."""
+        r = self.runner
+        if r is None:
+            return self._done.processed, self._done.produced
+        return (self._done.processed + r.processed,
+                self._done.produced + r.produced + sum(s.produced for s in r.sources))
+
+    def report(self, into: Report) -> None:
+        r = self.runner
+        into.processed += self._done.processed + (r.processed if r else 0)
+        into.produced += self._done.produced + (r.produced if r else 0)
+        into.commits += self._done.commits + (r.ckpt.commits if r else 0)
+        into.restarts += self.metrics.restarts
+        into.lines += r.summary() if r else []
+
+
 async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None = None, until_done: bool = False,
-              broker: Broker | None = None, install_signals: bool = False, stop: asyncio.Event | None = None) -> Report:
+              broker: Broker | None = None, install_signals: bool = False, stop: asyncio.Event | None = None,
+              restart: bool = False, progress: bool = False) -> Report:
     """Run the selected topologies until stopped (`stop` is set, or SIGINT/SIGTERM when
     `install_signals`), until a node fails, or with `until_done` until the sources this
-    worker runs are exhausted and every input partition it is assigned is consumed."""
+    worker runs are exhausted and every input partition it is assigned is consumed.
+
+    Once stopped, the topologies have ``settings.shutdown_timeout`` seconds to finish the
+    batch in hand and take a last checkpoint; past it they are cancelled (what they did
+    since their last checkpoint is redone by the next run) and ProcessingError is raised.
+    With `restart`, a crashed topology is restarted (:class:`Supervisor`). With
+    ``settings.web``, the worker's web server runs meanwhile (:mod:`pipes.web`); with
+    `progress`, a progress line is kept on stderr."""
     own_broker = broker is None
     broker = broker or connect(graph.app, settings)
     started = time.monotonic()
+    server = None
     try:
         selected = graph.select(topologies)
         await broker.open(graph, selected)
-        runners = [TopologyRunner(t, graph, broker, settings) for t in selected]
-        tasks = [asyncio.create_task(r.run(), name=f"topology {r.topology.name}") for r in runners]
+        workers = [Supervisor(t, graph, broker, settings, restart) for t in selected]
+        if settings.web:
+            from .web import serve
+
+            server = await serve(settings.web, graph, broker, workers)
+        tasks = [asyncio.create_task(w.run(), name=f"topology {w.topology.name}") for w in workers]
         stop = stop or asyncio.Event()
         if install_signals:
             loop = asyncio.get_running_loop()
@@ -236,11 +369,18 @@ async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None 
                 loop.add_signal_handler(sig, stop.set)
         watchers = [asyncio.create_task(stop.wait())]
         if until_done:
-            watchers.append(asyncio.create_task(_until_idle(runners)))
+            watchers.append(asyncio.create_task(_until_idle(workers)))
+        if progress:
+            from .ops.progress import show_progress
+
+            watchers.append(asyncio.create_task(show_progress(workers)))
         try:
-            done, _ = await asyncio.wait([*tasks, *watchers], return_when=asyncio.FIRST_COMPLETED)
-            for r in runners:
-                r.stop()
+            await asyncio.wait([*tasks, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            for w in workers:
+                w.stop()
+            _, late = await asyncio.wait(tasks, timeout=settings.shutdown_timeout)
+            for t in late:
+                t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for t in [*watchers, *tasks]:  # run() itself cancelled: so are its topologies
@@ -248,27 +388,32 @@ async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None 
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     asyncio.get_running_loop().remove_signal_handler(sig)
-        errors = [e for e in results if isinstance(e, BaseException)]
+        errors = [e for e in results if isinstance(e, BaseException) and not isinstance(e, asyncio.CancelledError)]
         if errors:
             raise errors[0]
+        if late:
+            names = ", ".join(repr(w.topology.name) for w, t in zip(workers, tasks) if t in late)
+            raise ProcessingError(f"shutdown took longer than {settings.shutdown_timeout:g} s "
+                                  f"(shutdown_timeout): topolog{'ies' if len(late) > 1 else 'y'} {names} cancelled; "
+                                  f"what they did since their last checkpoint is redone by the next run")
         report = Report(seconds=time.monotonic() - started)
-        for r in runners:
-            report.processed += r.processed
-            report.produced += r.produced
-            report.commits += r.ckpt.commits
-            report.lines += r.summary()
+        for w in workers:
+            w.report(report)
         return report
     finally:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
         if own_broker:
             await broker.close()
 
 
-async def _until_idle(runners: list[TopologyRunner]) -> None:
-    """Returns once every runner has been idle twice in a row, one loop turn apart."""
+async def _until_idle(workers: list[Supervisor]) -> None:
+    """Returns once every topology has been idle twice in a row, one loop turn apart."""
     quiet = 0
     while quiet < 2:
         await asyncio.sleep(0.01 if quiet else 0.02)
-        quiet = quiet + 1 if all(r.idle() for r in runners) else 0
+        quiet = quiet + 1 if all(w.idle() for w in workers) else 0
 
 
-__all__ = ["run", "Report", "TopologyRunner", "ProcessingError"]
+__all__ = ["run", "Report", "Supervisor", "TopologyRunner", "ProcessingError"]

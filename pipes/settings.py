@@ -20,6 +20,12 @@ class Settings:
     replication: int = 1  # replication factor of topics pipes creates on Kafka
     guarantee: str = "at_least_once"  # or "exactly_once" (Kafka transactions)
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per log line)
+    web: str | None = None  # HOST:PORT (or PORT, on 127.0.0.1) of the worker's web server; None: off
+    shutdown_timeout: float = 30.0  # seconds SIGTERM/SIGINT may take to drain and checkpoint
+    restart_attempts: int = 5  # restarts of a failing topology in a row before the worker gives up
+    restart_backoff: float = 0.5  # seconds before the first restart, doubled for each one after
+    restart_backoff_max: float = 30.0  # at most this; a topology up this long counts as recovered
 
     def with_env(self, environ: dict[str, str] | None = None) -> Settings:
         """Settings overridden by PIPES_<NAME> environment variables."""
@@ -41,15 +47,23 @@ class Settings:
         for name in ("commit_every", "partitions", "poll_records", "replication"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be a positive integer")
-        if not isinstance(self.commit_interval, (int, float)) or self.commit_interval <= 0:
-            raise ConfigError(f"commit_interval={self.commit_interval!r}: must be a positive number of seconds")
+        for name in ("commit_interval", "shutdown_timeout", "restart_backoff", "restart_backoff_max"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be a positive number of seconds")
+        if not isinstance(self.restart_attempts, int) or self.restart_attempts < 0:
+            raise ConfigError(f"restart_attempts={self.restart_attempts!r}: must be an integer >= 0")
+        if self.web is not None:
+            from .web import parse_address
+
+            parse_address(self.web)
         return self
 
     def override(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_CHOICES = {"on_error": ("dlq", "stop", "skip"), "guarantee": ("at_least_once", "exactly_once")}
+_CHOICES = {"on_error": ("dlq", "stop", "skip"), "guarantee": ("at_least_once", "exactly_once"),
+            "log_format": ("text", "json")}
 
 
 def _parse(kind: Any, raw: str, name: str) -> Any:

@@ -1,0 +1,1 @@
+"""Operating workers: the ``dlq``, ``topics`` and ``deploy`` commands and the progress line."""
