@@ -3,7 +3,7 @@
 ``import pipes`` has no side effects: no event loop, no argument parsing.
 """
 
-from . import io
+from . import io, windows
 from .app import App, Topic
 from .errors import BrokerError, ConfigError, PipesError, ProcessingError
 from .message import Message
@@ -23,4 +23,5 @@ __all__ = [
     "Settings",
     "Topic",
     "io",
+    "windows",
 ]

@@ -155,6 +155,136 @@ class _Builder:
 
         return record if target is None else record(target)
 
+    # -- windows, tables, joins, timers (pipes.windows, pipes.joins, pipes.timers) --------------
+    def window(self, topic: TopicRef, *, to: TopicRef | list[TopicRef], window: Any, agg: Any = None,
+               initial: Any = None, merge: Callable[[Any, Any], Any] | None = None,
+               key: str | Callable[[Any], Any] | None = None, emit: str = "final", grace: Any = 0,
+               timestamp: str | Callable[[Any], Any] | None = None, late: TopicRef | None = None,
+               close_on: str = "stream", name: str | None = None, on_error: str | None = None) -> Any:
+        """A windowed aggregation (see :mod:`pipes.windows`): with ``agg=`` (e.g.
+        ``pipes.windows.count()``) it is recorded at once; without, it decorates
+        ``fn(accumulator, value) -> accumulator``, starting from ``initial`` (else a reduce)."""
+        from . import windows
+
+        def record(fn: Any) -> Any:
+            node_id = name or (fn.__name__ if agg is None else f"{agg.name}.{topic}")
+            how = agg or (windows.aggregate(fn, initial, merge) if initial is not None else windows.reduce(fn))
+            op = windows.Windowed(window, how, emit, self._duration(grace, node_id, "grace"), timestamp,
+                                  str(late) if late is not None else None, close_on).check(node_id)
+            self._operator(node_id, op, self._keyed(node_id, topic, key, on_error, fn), to, on_error, fn)
+            return fn
+
+        return record if agg is None else record(agg)
+
+    def table(self, topic: TopicRef, *, key: str | Callable[[Any], Any] | None = None,
+              name: str | None = None) -> Any:
+        """Materialize `topic` into keyed state: each key's latest value, readable as
+        ``{"value": ...}`` in node `name` (default: the topic's name); a None value deletes.
+        Returns a :class:`pipes.joins.Table` to pass to :meth:`join`."""
+        from . import joins
+
+        node_id = name or str(topic)
+        inputs = self._keyed(node_id, topic, key, None, None)
+        self._operator(node_id, joins.Materialize(), inputs, None, None, None)
+        return joins.Table(inputs[0], node_id)
+
+    def join(self, left: TopicRef | Any, right: Any, *, to: TopicRef | list[TopicRef],
+             key: str | Callable[[Any], Any] | None = None, how: str = "inner", within: Any = None,
+             grace: Any = 0, timestamp: str | Callable[[Any], Any] | None = None, late: TopicRef | None = None,
+             name: str | None = None, on_error: str | None = None) -> Callable[[Callable], Callable]:
+        """Decorates ``fn(left_value, right_value)``: a stream–table join (`right` from
+        :meth:`table`), a table–table join (both tables) or, with ``within=`` seconds, a
+        windowed stream–stream join (see :mod:`pipes.joins`)."""
+        from . import joins
+
+        def record(fn: Callable) -> Callable:
+            node_id = name or fn.__name__
+            op = joins.join_operator(fn, left, right, how, self._duration(within, node_id, "within"),
+                                     self._duration(grace, node_id, "grace"), timestamp,
+                                     str(late) if late is not None else None, node_id)
+            table = next((s.topic for s in (left, right) if isinstance(s, joins.Table)), None)
+            parts = self._app._topics[table].partitions if table in self._app._topics else None
+            sides = [(s.topic,) if isinstance(s, joins.Table) else
+                     self._keyed(node_id, s, key, on_error, fn, f".{side}", parts)
+                     for s, side in ((left, "left"), (right, "right"))]
+            if any(len(s) != 1 for s in sides):
+                raise ConfigError(f"join {node_id!r}: each side is one topic or table, not a list")
+            sides = [s[0] for s in sides]
+            self._operator(node_id, op, tuple(sides), to, on_error, fn)
+            return fn
+
+        return record
+
+    def timer(self, every: Any, *, to: TopicRef | list[TopicRef] | None = None,
+              name: str | None = None) -> Callable[[Callable], Callable]:
+        """Call ``fn()`` every `every` seconds on one worker of the topology; what it returns
+        (not None) goes to `to`."""
+        from . import timers
+
+        return self._timed(lambda fn: timers.Every(fn, self._duration(every, fn.__name__, "every")), to, name)
+
+    def crontab(self, spec: str, *, to: TopicRef | list[TopicRef] | None = None,
+                name: str | None = None) -> Callable[[Callable], Callable]:
+        """Call ``fn()`` at the times of a five-field cron `spec` (UTC), on one worker."""
+        from . import timers
+
+        return self._timed(lambda fn: timers.Cron(fn, timers.parse_cron(spec, fn.__name__)), to, name)
+
+    def timeout(self, topic: TopicRef, *, after: Any, to: TopicRef | list[TopicRef],
+                key: str | Callable[[Any], Any] | None = None, cancel: Callable[[Any], bool] | None = None,
+                timestamp: str | Callable[[Any], Any] | None = None, name: str | None = None,
+                on_error: str | None = None) -> Callable[[Callable], Callable]:
+        """A per-key timer: ``fn(last_value)`` is called once for a key `after` seconds (wall
+        clock) past the timestamp of its last message, unless a message with ``cancel(value)``
+        true came first. Timers are keyed state: they survive restarts."""
+        from . import timers
+
+        def record(fn: Callable) -> Callable:
+            node_id = name or fn.__name__
+            op = timers.Timeout(fn, self._duration(after, node_id, "after"), cancel, timestamp)
+            self._operator(node_id, op, self._keyed(node_id, topic, key, on_error, fn), to, on_error, fn)
+            return fn
+
+        return record
+
+    def _timed(self, make: Callable[[Callable], Any], to: Any, name: str | None) -> Callable[[Callable], Callable]:
+        def record(fn: Callable) -> Callable:
+            node_id = name or fn.__name__
+            outputs = self._app._topics_of(to, node_id) if to is not None else ()
+            self._app._add(Node(id=node_id, kind="source", topology=self._topology, target=make(fn),
+                                outputs=outputs, where=_where(fn)))
+            return fn
+
+        return record
+
+    def _duration(self, value: Any, node_id: str, what: str) -> int | None:
+        from .eventtime import duration_ms
+
+        return None if value is None else duration_ms(value, f"node {node_id!r}: {what}=")
+
+    def _keyed(self, node_id: str, topic: TopicRef, key: Any, on_error: str | None, fn: Any,
+               part: str = "", partitions: int | None = None) -> tuple[str, ...]:
+        """The input of a keyed operator: `topic`, or with ``key=`` a re-key topic fed from it
+        (with `partitions`, e.g. those of the table it is joined with)."""
+        inputs = self._app._topics_of(topic, node_id)
+        if key is None:
+            return inputs
+        if not (isinstance(key, str) or callable(key)):
+            raise ConfigError(f"node {node_id!r}: key= takes a field name or a callable, not {key!r}")
+        rekeyed = f"{self._app.name}.{node_id}{part}.rekey"
+        self._app._declare(Topic(rekeyed, partitions, keyed=True), internal=True)
+        self._app._add(Node(id=f"{node_id}{part}.rekey", kind="transform", topology=self._topology, target=_identity,
+                            inputs=inputs, outputs=(rekeyed,), key=key, on_error=self._app._policy(on_error, node_id),
+                            internal=True, where=_where(fn) if fn is not None else node_id))
+        return (rekeyed,)
+
+    def _operator(self, node_id: str, op: Any, inputs: tuple[str, ...], to: Any, on_error: str | None,
+                  fn: Any) -> None:
+        outputs = self._app._topics_of(to, node_id) if to is not None else ()
+        self._app._add(Node(id=node_id, kind="transform", topology=self._topology, target=op, inputs=inputs,
+                            outputs=outputs, stateful=True, on_error=self._app._policy(on_error, node_id),
+                            where=_where(fn) if fn is not None else node_id))
+
 
 def _identity(value: Any) -> Any:
     return value
@@ -267,8 +397,8 @@ class App(_Builder):
             unkeyed = [t for t in n.inputs if t not in keyed]
             if n.stateful and unkeyed:
                 raise ConfigError(
-                    f"transform {n.id!r} ({n.where}) takes `state`, which is kept per message key, but its "
-                    f"input {unkeyed[0]!r} is not keyed: add key='field' or key=callable to @app.transform(...), "
+                    f"{n.kind} {n.id!r} ({n.where}) keeps state per message key, but its input {unkeyed[0]!r} "
+                    f"is not keyed: add key='field' or key=callable to its decorator, "
                     f"or declare app.topic({unkeyed[0]!r}, keyed=True) if its producers set message keys")
         by_topology: dict[str, list[Node]] = {}
         for n in nodes:

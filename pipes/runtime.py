@@ -77,10 +77,10 @@ class TopologyRunner:
         self._source_tasks: list[asyncio.Task] = []
 
     def idle(self) -> bool:
-        """Started, nothing running or pending, the sources this worker runs finished, every
-        assigned input consumed."""
-        return (self.started and not self.busy and not self.ckpt.pending and all(s.done for s in self.sources)
-                and self.consumer.caught_up())
+        """Started, nothing running or pending, the sources this worker runs finished (timers,
+        which never finish, aside), every assigned input consumed."""
+        return (self.started and not self.busy and not self.ckpt.pending and self.consumer.caught_up()
+                and all(s.done or getattr(s.node.target, "pipes_endless", False) for s in self.sources))
 
     def stop(self) -> None:
         self.stopping = True

@@ -42,6 +42,18 @@ class StateTable:
             self._dirty[k] = state
         return state
 
+    def peek(self, partition: int, key: bytes | None) -> dict:
+        """A key's state for reading only: not marked changed, so not written back (a join's
+        lookup of the table side). Changing the dict it returns is a bug."""
+        k = self._key(partition, key)
+        state = self._dirty.get(k)
+        if state is None:
+            state = self._cache.get(k)
+            if state is None:
+                raw = self.store.get("state", k)
+                state = self._cache[k] = pickle.loads(raw) if raw is not None else {}
+        return state
+
     def drain(self, into: dict[bytes, bytes | None]) -> None:
         """Move every state touched since the last checkpoint into `into`, serialized."""
         dumps = pickle.dumps

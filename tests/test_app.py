@@ -368,6 +368,7 @@ EXPECTED_EXPORTS = [
     "Settings",
     "Topic",
     "io",
+    "windows",
 ]
 
 
