@@ -1,1 +1,1 @@
-"""Throughput benchmarks for pipes (``make bench``); not collected by pytest."""
+"""pipes next to its peers: the `make bench` suite (run.py); not collected by pytest."""

@@ -1,14 +1,13 @@
-"""Baselines measured in the same process as the pipes runs, because machines are noisy.
+"""The baseline for pipes on local:// and memory:// (run in a child, as pipes is).
 
-* cpu: the workload's per-message work (orjson loads, the user function, orjson dumps,
-  keyed state in a dict) in a plain Python loop over the encoded inputs: no storage.
-* naive: the same work as a hand loop over rocksdict: the input already in the
-  database, read back with an iterator, outputs (plus a consumed-offset key and dirty
-  keyed state) written in WriteBatches of 1000 messages. On a disk directory it is the
-  practical ceiling for local://, on RocksDB's in-memory environment for memory://.
+The hand loop on rocksdict does the workload's per-message work (orjson loads, the user
+function, orjson dumps, keyed state in a dict) over rocksdict: the input already in the
+database, read back with an iterator, outputs (plus a consumed-offset key and dirty keyed
+state) written in WriteBatches of 1000 messages. On a disk directory it is the practical
+ceiling for local://, on RocksDB's in-memory environment for memory://.
 
-For the source workload both baselines also generate and encode the input (the naive
-one writes it in batches of 1000 and reads it back).
+For the source workload it also generates and encodes the input (written in batches of
+1000 and read back).
 """
 
 from __future__ import annotations
@@ -27,25 +26,6 @@ _Q = struct.Struct(">Q")
 IN_PREFIX = b"in\0"
 OUT_PREFIX = b"out\0"
 BATCH = 1000
-
-
-def cpu(wl: Workload, n: int, inputs: list[bytes]) -> float:
-    """Seconds for the plain loop."""
-    process, _ = wl.naive(None)
-    gc.collect()
-    t0 = time.perf_counter()
-    out = 0
-    if wl.preload:
-        for b in inputs:
-            if process(b) is not None:
-                out += 1
-    else:
-        for i in range(n):
-            if process(dumps(make_value(i))) is not None:
-                out += 1
-    seconds = time.perf_counter() - t0
-    _count(wl, n, out)
-    return seconds
 
 
 def naive(wl: Workload, n: int, inputs: list[bytes], *, memory: bool, root: str | None) -> float:

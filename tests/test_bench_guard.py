@@ -1,0 +1,63 @@
+"""Regression guard for pipes' throughput (issue 7): pipes against a baseline measured in the
+same test, on the same broker, so a slower or busier machine moves both and the ratio stays.
+
+It fails only on a LARGE drop of a ratio (below half of the lowest ratio measured when the
+floor was set), never on absolute times. The full comparison with the peers is `make bench`
+(tests/bench/, docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from bench import kafka
+from bench.baselines import naive as rocksdict_loop
+from bench.child import run_async
+from bench.functions import encode_inputs
+from bench.local import run_pipes as run_local
+from bench.loops import run_loop
+from bench.run import settings_from
+from bench.workloads import WORKLOADS
+
+N_KAFKA = 50_000
+N_LOCAL = 50_000
+# pipes / naive aiokafka loop, stateless transform on Tansu, measured 2026-11-25 on the 2-core
+# machine with other jobs running (load 2-5; N 30k and 50k): 0.53, 0.92, 1.22, 1.63, 1.68, 2.02, 2.10, 2.23,
+# 2.24, 2.80, 2.93 (median 2.0). The floor is half of the lowest: a drop to it is a ~8x regression.
+KAFKA_FLOOR = 0.25
+# pipes on local:// / the hand loop on rocksdict, stateless transform, same session: 0.33, 0.36,
+# 0.43, 0.44, 0.44, 0.48, 0.51, 0.51, 0.52, 0.54, 0.57. Half of the lowest.
+LOCAL_FLOOR = 0.15
+
+
+def _kafka_msg_s(url: str, runner: str, inputs: list[bytes], root: str) -> float:
+    """msg/s of one verified run of `runner` (pipes or the naive loop) on fresh topics."""
+    spec = run_async(kafka.prepare(url, runner, "stateless", inputs, root))
+    try:
+        if runner == "pipes":
+            result = run_async(kafka.run_pipes(spec, settings_from([])))
+        else:
+            result = run_async(run_loop(spec))
+        run_async(kafka.verify(spec, result))  # every output, and the committed offsets
+    finally:
+        shutil.rmtree(spec["data_dir"], ignore_errors=True)
+    return len(inputs) / (result["t_last"] - result["t_first"])
+
+
+def test_pipes_keeps_its_lead_over_the_naive_aiokafka_loop(kafka_url, tmp_path):
+    inputs = encode_inputs(N_KAFKA)
+    naive = _kafka_msg_s(kafka_url, "naive", inputs, str(tmp_path))
+    pipes = _kafka_msg_s(kafka_url, "pipes", inputs, str(tmp_path))
+    ratio = pipes / naive
+    assert ratio >= KAFKA_FLOOR, (f"pipes {pipes:,.0f} msg/s is {ratio:.2f}x the naive aiokafka loop "
+                                  f"({naive:,.0f} msg/s) on the same broker; the floor is {KAFKA_FLOOR}x")
+
+
+def test_pipes_on_local_keeps_up_with_a_hand_loop_on_rocksdict(tmp_path):
+    wl = WORKLOADS["stateless"]
+    inputs = encode_inputs(N_LOCAL)
+    loop = N_LOCAL / rocksdict_loop(wl, N_LOCAL, inputs, memory=False, root=str(tmp_path))
+    pipes = run_async(run_local(wl, N_LOCAL, "local", inputs, settings_from([]), str(tmp_path)))["msg_s"]
+    ratio = pipes / loop
+    assert ratio >= LOCAL_FLOOR, (f"pipes on local:// {pipes:,.0f} msg/s is {ratio:.2f}x the hand loop on "
+                                  f"rocksdict ({loop:,.0f} msg/s); the floor is {LOCAL_FLOOR}x")
