@@ -190,10 +190,10 @@ def test_kafka_urls_carry_credentials_that_are_never_shown():
 def test_url_options_reach_only_the_clients_that_take_them():
     from pipes.brokers.kafka import client_options
 
-    _, opts = parse_url("kafka://h:9092?session_timeout_ms=6000&linger_ms=5&request_timeout_ms=9000")
+    _, opts = parse_url("kafka://h:9092?session_timeout_ms=6000&linger_ms=5&request_timeout_ms=9000&fetch_max_wait_ms=5")
     producer = client_options(opts, "producer", {"linger_ms": 1})
     consumer = client_options(opts, "consumer")
     admin = client_options(opts, "admin")
     assert producer == {"linger_ms": 5, "request_timeout_ms": 9000}
-    assert consumer == {"session_timeout_ms": 6000, "request_timeout_ms": 9000}
+    assert consumer == {"session_timeout_ms": 6000, "request_timeout_ms": 9000, "fetch_max_wait_ms": 5}
     assert admin == {"request_timeout_ms": 9000}

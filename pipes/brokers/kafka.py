@@ -46,9 +46,11 @@ _Q = struct.Struct(">Q")
 _SECRET_OPTIONS = {"sasl_plain_password", "sasl_oauth_token", "ssl_password"}
 _INT_OPTIONS = {"request_timeout_ms", "metadata_max_age_ms", "session_timeout_ms", "heartbeat_interval_ms",
                 "max_poll_interval_ms", "rebalance_timeout_ms", "linger_ms", "max_batch_size",
-                "max_request_size", "connections_max_idle_ms", "retry_backoff_ms"}
+                "max_request_size", "connections_max_idle_ms", "retry_backoff_ms", "fetch_max_wait_ms",
+                "fetch_min_bytes", "fetch_max_bytes", "max_partition_fetch_bytes"}
 # URL options that only one kind of client takes; the rest go to every client.
-_CONSUMER_ONLY = {"session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms", "rebalance_timeout_ms"}
+_CONSUMER_ONLY = {"session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms", "rebalance_timeout_ms",
+                  "fetch_max_wait_ms", "fetch_min_bytes", "fetch_max_bytes", "max_partition_fetch_bytes"}
 _PRODUCER_ONLY = {"linger_ms", "max_batch_size", "max_request_size", "compression_type"}
 
 
