@@ -13,12 +13,6 @@ advance. :meth:`Checkpoint.commit` then, in this order:
 
 If anything fails before step 3 completes, nothing of this checkpoint is durable and a
 restart resumes from the previous one.
-
-On a broker that waits on the network (``broker.pipelined``: Kafka), step 3 runs while the
-runner goes on with the next batch: ``commit(wait=False)`` returns once the checkpoint is
-handed over, and the next checkpoint first waits for it (:meth:`settle`), so checkpoints
-are durable one after the other, in order, and the hooks that say "durable" (sources'
-and sinks' ``committed``) still run only after it. A revocation or the end of a run waits.
 """
 
 from __future__ import annotations
@@ -54,8 +48,6 @@ class Checkpoint:
         self.commits = 0
         self.committed_messages = 0
         self._committed = asyncio.Event()
-        self._inflight: asyncio.Task | None = None  # the checkpoint being made durable
-        self.pipelined = bool(getattr(broker, "pipelined", False))
         self.outputs: dict[str, list] = {}  # topic -> encoded outputs since the last checkpoint
         self._reset()
 
@@ -76,8 +68,7 @@ class Checkpoint:
 
     @property
     def pending(self) -> bool:
-        """Anything not yet durable: new work, or a checkpoint still in flight."""
-        return bool(self.count or self.offsets or self._inflight is not None or any(self.outputs.values()))
+        return bool(self.count or self.offsets or any(self.outputs.values()))
 
     def due(self, *, backlog: bool) -> bool:
         """Commit now? Yes once there is something to commit and the input is drained
@@ -93,10 +84,7 @@ class Checkpoint:
             self.wake()
             await self._committed.wait()
 
-    async def commit(self, wait: bool = True) -> None:
-        """Make everything since the last checkpoint durable; with ``wait=False`` on a
-        pipelined broker, return once it is on its way (see :meth:`settle`)."""
-        await self.settle()
+    async def commit(self) -> None:
         for sink in self.sinks:
             await sink.flush(self)
         changes = Changes(outputs={t: list(o) for t, o in self.outputs.items() if o}, offsets=self.offsets)
@@ -106,20 +94,7 @@ class Checkpoint:
             source.snapshot(changes.sources)
         count = self.count
         self._reset()
-        if self.pipelined and not wait and changes:
-            self._inflight = asyncio.create_task(self._durable(changes, count), name=f"checkpoint {self.group}")
-            self._inflight.add_done_callback(lambda _: self.wake())
-        else:
-            await self._durable(changes, count)
-
-    async def settle(self) -> None:
-        """Wait until the checkpoint in flight, if any, is durable; raise what it raised."""
-        task = self._inflight
-        if task is not None:
-            try:
-                await task
-            finally:
-                self._inflight = None
+        await self._durable(changes, count)
 
     async def _durable(self, changes: Changes, count: int) -> None:
         if changes:

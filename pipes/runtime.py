@@ -158,14 +158,8 @@ class TopologyRunner:
                 await self._stop_sources()
                 await self.ckpt.commit()
                 await self._close_sources()
-        except BaseException as e:
+        except BaseException:
             await self._stop_sources()
-            if isinstance(e, Exception):
-                # A checkpoint still in flight ends (durable, or not) before a restart begins.
-                try:
-                    await self.ckpt.settle()
-                except Exception:
-                    pass  # the error being raised says what went wrong
             await self._close_sources()
             raise
         finally:
@@ -190,7 +184,7 @@ class TopologyRunner:
                 ckpt.count += n
                 self.processed += n
                 if ckpt.due(backlog=n >= max_records):
-                    await ckpt.commit(wait=False)
+                    await ckpt.commit()
 
     async def _tick(self, ckpt: Checkpoint) -> None:
         now = time.time()

@@ -100,8 +100,6 @@ def changelog_topic(app: str, node: str) -> str:
 
 
 class KafkaBroker:
-    pipelined = True  # commit() waits on the network: the runner goes on meanwhile (see checkpoint.py)
-
     def __init__(self, app_name: str, settings: Settings, *, read_only: bool = False):
         self.app = app_name
         self.settings = settings
