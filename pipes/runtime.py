@@ -147,10 +147,12 @@ class TopologyRunner:
         topics = list(self.by_topic) + ([self.lease] if self.lease else [])
         self.consumer = self.broker.consumer(self.topology.group, topics, self)
         self.ckpt.wake = self.consumer.wake
-        for proc in [*self.sinks, *self.transforms]:
-            if hasattr(proc, "open"):
-                await maybe_await(proc.open())
+        opened = []  # closed at the end, even when a later one fails to open
         try:
+            for proc in [*self.sinks, *self.transforms]:
+                if hasattr(proc, "open"):
+                    await maybe_await(proc.open())
+                opened.append(proc)
             await self.consumer.start()
             self.started = True
             await self._loop()
@@ -163,7 +165,7 @@ class TopologyRunner:
             await self._close_sources()
             raise
         finally:
-            for proc in [*self.sinks, *self.transforms]:
+            for proc in opened:
                 if hasattr(proc, "close"):
                     await maybe_await(proc.close())
             await self.consumer.close()

@@ -32,15 +32,17 @@ import builtins
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .emit import Emitter, serializers_of
 from .errors import ConfigError
 from .eventtime import IDX, as_key, as_text, check_key, timestamp_getter
 from .failures import Failures
 from .nodes import Decoder, maybe_await
-from .state import StateTable
 from .topology import Graph, Node
+
+if TYPE_CHECKING:  # rocksdict (under pipes.state) cannot load in sub-interpreters
+    from .state import StateTable
 
 
 def _now_ms() -> int:
