@@ -60,7 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     compiled = compile_pipeline(doc, args.file, broker=args.broker)
     settings = compiled.app.settings.override(data_dir=args.data_dir)
     logging.getLogger("pipes").setLevel(settings.log_level.upper())
-    report = _run_async(run(compiled.app.build(settings), settings, until_done=True, install_signals=True))
+    progress = sys.stderr.isatty() and settings.log_format == "text"  # a progress line on a terminal only
+    report = _run_async(run(compiled.app.build(settings), settings, until_done=True, install_signals=True,
+                            progress=progress))
     log.info("pipeline %s: %d batches from the input in %.2f s", args.file, report.produced, report.seconds)
     for line in report.lines:
         log.info("%s", line)
