@@ -423,16 +423,22 @@ async def _failover(kafka_url: str, tmp_path) -> None:
         await admin.create_topics([NewTopic(f"{name}.input", 4, 1)])
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        for e in stream(11, n, keys=40):
-            key = e["k"].encode()
-            await producer.send(f"{name}.input", orjson.dumps(e), key=key,
-                                partition=(murmur2(key) & 0x7FFFFFFF) % 4)
-        await producer.flush()
-    finally:
-        await producer.stop()
+    events = list(stream(11, n, keys=40))
+
+    async def produce(batch: list[dict]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        await producer.start()
+        try:
+            for e in batch:
+                key = e["k"].encode()
+                await producer.send(f"{name}.input", orjson.dumps(e), key=key,
+                                    partition=(murmur2(key) & 0x7FFFFFFF) % 4)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    # The first half now; the second only after the kill, so the kill always lands mid-stream.
+    await produce(events[: n // 2])
 
     cli = Path(sys.executable).with_name("pipes")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIPES_")}, "WINDOWS_KAFKA_APP": name,
@@ -451,34 +457,40 @@ async def _failover(kafka_url: str, tmp_path) -> None:
 
     try:
         a, _ = start("a"), start("b")
-        # The recomputation, from the input topic as the workers read it (per partition, offset order).
-        async with Reader(bootstrap, f"{name}.input", 4) as r:
-            await r.drain()
-            inputs = {p: [orjson.loads(raw) for _, _, raw in recs] for p, recs in r.records.items()}
-        want, want_late = set(), set()
-        for records in inputs.values():
-            kept, late, st = split_late(records)
-            want_late |= {x["i"] for x in late}
-            for (k, s, e), (closed, xs) in expected_windows("tumbling", kept, st, 1000, 1000).items():
-                if closed:
-                    want.add((k, s, e, sum(xs)))
         await wait_for_topic(bootstrap, f"{name}.output")
         async with Reader(bootstrap, f"{name}.output", 4) as out:
             deadline = time.monotonic() + 120
-            killed = False
-            while True:
+
+            def seen() -> set:
+                return {(v["key"], v["start"], v["end"], v["value"])
+                        for v in (orjson.loads(raw) for recs in out.records.values() for _, _, raw in recs)}
+
+            while not seen():  # the workers are under way
                 await out.poll(0.3)
-                got = {(v["key"], v["start"], v["end"], v["value"])
-                       for v in (orjson.loads(raw) for recs in out.records.values() for _, _, raw in recs)}
+                assert time.monotonic() < deadline, f"no window within 120 s\n{logs()}"
+            a.send_signal(signal.SIGKILL)
+            at_kill = len(seen())
+            start("c")
+            await produce(events[n // 2:])
+            # The recomputation, from the input topic as the workers read it (per partition, offset order).
+            async with Reader(bootstrap, f"{name}.input", 4) as r:
+                await r.drain()
+                inputs = {p: [orjson.loads(raw) for _, _, raw in recs] for p, recs in r.records.items()}
+            want, want_late = set(), set()
+            for records in inputs.values():
+                kept, late, st = split_late(records)
+                want_late |= {x["i"] for x in late}
+                for (k, s, e), (closed, xs) in expected_windows("tumbling", kept, st, 1000, 1000).items():
+                    if closed:
+                        want.add((k, s, e, sum(xs)))
+            while True:
+                got = seen()
                 assert got <= want, f"wrong windows {sorted(got - want)[:5]}\n{logs()}"
-                if not killed and len(got) > len(want) // 10:
-                    a.send_signal(signal.SIGKILL)
-                    killed, at_kill = True, len(got)
-                    start("c")
-                if killed and got == want:
+                if got == want:
                     break
                 assert time.monotonic() < deadline, f"{len(got)} of {len(want)} windows\n{logs()}"
                 assert all(p.poll() is None for p in procs[1:]), logs()
+                await out.poll(0.3)
         assert at_kill < len(want), "the worker was killed after everything was done"
         await wait_for_topic(bootstrap, f"{name}.late")
         async with Reader(bootstrap, f"{name}.late", 1) as late:  # undeclared: the default partitions
