@@ -94,9 +94,6 @@ class Checkpoint:
             source.snapshot(changes.sources)
         count = self.count
         self._reset()
-        await self._durable(changes, count)
-
-    async def _durable(self, changes: Changes, count: int) -> None:
         if changes:
             await self.broker.commit(self.group, changes)
         self.commits += 1

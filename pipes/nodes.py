@@ -202,8 +202,9 @@ def processor(node: Node, graph: Graph, table: StateTable | None) -> Any:
     other operators built on this API) makes its own. Such a processor has ``node``,
     ``failures`` and ``async process(topic, partition, records, ckpt)``; it may also have
     ``async tick(now, ckpt, assigned)``, called about every ``tick_interval`` seconds of
-    wall-clock time with the assigned ``{(topic, partition): first offset}``, and ``async open()``/``async close()``. A transform with a ``mode`` other than
-    ``global`` runs in a pool (:mod:`pipes.modes`).
+    wall-clock time with the assigned ``{(topic, partition): first offset}``, and
+    ``async open()``/``async close()``. A transform with a ``mode`` other than ``global``
+    runs in a pool (:mod:`pipes.modes`).
     """
     make = getattr(node.target, "pipes_processor", None)
     if make is not None:
