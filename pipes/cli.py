@@ -87,19 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Modules adding commands: each has register(subparsers, app_cmd) -> {name: function(args) -> int}.
-_EXTENSIONS = ("pipes.pipeline.commands", "pipes.ops.commands")
-
-
 def _command_modules() -> list:
-    import importlib
-    import importlib.util
+    """Modules adding commands: each has register(subparsers, app_cmd) -> {name: function(args) -> int}."""
+    from .ops import commands as ops
+    from .pipeline import commands as pipeline
 
-    def exists(name: str) -> bool:
-        parent = name.rpartition(".")[0]
-        return (parent == "pipes" or exists(parent)) and importlib.util.find_spec(name) is not None
-
-    return [importlib.import_module(m) for m in _EXTENSIONS if exists(m)]
+    return [pipeline, ops]
 
 
 def _split(v: str | None) -> list[str] | None:
