@@ -30,16 +30,11 @@ class StateTable:
         return prefix + (key or b"")
 
     def get(self, partition: int, key: bytes | None) -> dict:
-        prefix = self._prefixes.get(partition)
-        k = (prefix if prefix is not None else self._key(partition, None)) + (key or b"")
+        """A key's state, to read and change: written back at the next checkpoint."""
+        k = self._key(partition, key)
         state = self._dirty.get(k)
         if state is None:
-            state = self._cache.get(k)
-            if state is None:
-                raw = self.store.get("state", k)
-                state = pickle.loads(raw) if raw is not None else {}
-                self._cache[k] = state
-            self._dirty[k] = state
+            state = self._dirty[k] = self._load(k)
         return state
 
     def peek(self, partition: int, key: bytes | None) -> dict:
@@ -47,11 +42,13 @@ class StateTable:
         lookup of the table side). Changing the dict it returns is a bug."""
         k = self._key(partition, key)
         state = self._dirty.get(k)
+        return state if state is not None else self._load(k)
+
+    def _load(self, k: bytes) -> dict:
+        state = self._cache.get(k)
         if state is None:
-            state = self._cache.get(k)
-            if state is None:
-                raw = self.store.get("state", k)
-                state = self._cache[k] = pickle.loads(raw) if raw is not None else {}
+            raw = self.store.get("state", k)
+            state = self._cache[k] = pickle.loads(raw) if raw is not None else {}
         return state
 
     def drain(self, into: dict[bytes, bytes | None]) -> None:
