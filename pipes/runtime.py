@@ -66,7 +66,6 @@ class TopologyRunner:
         self.ckpt.tables = list(self.tables.values())
         self.ckpt.sinks = self.sinks
         self.consumer: Consumer | None = None
-        self.busy = False
         self.started = False
         self.ready = False  # started, assigned its partitions, and their state restored
         self.stopping = False
@@ -78,8 +77,10 @@ class TopologyRunner:
 
     def idle(self) -> bool:
         """Started, nothing running or pending, the sources this worker runs finished (timers,
-        which never finish, aside), every assigned input consumed."""
-        return (self.started and not self.busy and not self.ckpt.pending and self.consumer.caught_up()
+        which never finish, aside), every assigned input consumed. The lock is held from a
+        batch's processing to the end of its checkpoint (outputs still in flight to the
+        broker are not yet in any partition's end) and while partitions move."""
+        return (self.started and not self._lock.locked() and not self.ckpt.pending and self.consumer.caught_up()
                 and all(s.done or getattr(s.node.target, "pipes_endless", False) for s in self.sources))
 
     def stop(self) -> None:
@@ -203,28 +204,24 @@ class TopologyRunner:
         # its restored state has not seen) are stale.
         floors = self.consumer.assignment()
         n = 0
-        self.busy = True
         clock = time.perf_counter
-        try:
-            for topic, partition, records in polled:
-                floor = floors.get((topic, partition))
-                if floor is None:
+        for topic, partition, records in polled:
+            floor = floors.get((topic, partition))
+            if floor is None:
+                continue
+            if records[0][0] < floor:
+                records = [r for r in records if r[0] >= floor]
+                if not records:
                     continue
-                if records[0][0] < floor:
-                    records = [r for r in records if r[0] >= floor]
-                    if not records:
-                        continue
-                for proc, m, outs in by_topic.get(topic, ()):
-                    before = sum(map(len, outs))
-                    began = clock()
-                    await proc.process(topic, partition, records, ckpt)
-                    m.batches.observe(clock() - began)
-                    m.messages_in += len(records)
-                    m.messages_out += sum(map(len, outs)) - before
-                ckpt.offsets[(topic, partition)] = records[-1][0] + 1
-                n += len(records)
-        finally:
-            self.busy = False
+            for proc, m, outs in by_topic.get(topic, ()):
+                before = sum(map(len, outs))
+                began = clock()
+                await proc.process(topic, partition, records, ckpt)
+                m.batches.observe(clock() - began)
+                m.messages_in += len(records)
+                m.messages_out += sum(map(len, outs)) - before
+            ckpt.offsets[(topic, partition)] = records[-1][0] + 1
+            n += len(records)
         return n
 
     def summary(self) -> list[str]:

@@ -840,3 +840,34 @@ def test_the_design_example_works_on_local_and_resumes_without_reprocessing(tmp_
     finally:
         store.close()
     assert state == {c: {"sum": s} for c, s in final.items()}
+
+
+def test_until_done_waits_for_a_checkpoint_still_on_its_way_to_the_broker():
+    # While a checkpoint's outputs wait for the broker's acks they are in no partition yet:
+    # a worker must not look idle then (seen on Kafka under load as a whole stage skipped).
+    from pipes.brokers.local import LocalBroker
+
+    class SlowAcks(LocalBroker):
+        async def commit(self, group, changes):
+            await asyncio.sleep(0.15)
+            await super().commit(group, changes)
+
+    app = pipes.App("slow")
+
+    @app.source(to="a")
+    def numbers():
+        yield from range(100)
+
+    @app.transform("a", to="b")
+    def double(v):
+        return v * 2
+
+    @app.transform("b", to="c")
+    def inc(v):
+        return v + 1
+
+    settings = app.settings.override(broker="memory://")
+    graph = app.build(settings)
+    broker = SlowAcks(None, settings, url="memory://")
+    report = asyncio.run(pipes.runtime.run(graph, settings, until_done=True, broker=broker))
+    assert report.processed == 200  # a and b, each to its end
