@@ -37,7 +37,7 @@ try:
     _OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
     def dumps_json(value: Any) -> bytes:
-        return orjson.dumps(value, option=_OPTS)
+        return bytes(memoryview(orjson.dumps(value, option=_OPTS)))  # a right-sized copy: see pipes.serializers
 
     loads_json: Callable[[bytes], Any] = orjson.loads
 except ImportError:  # an isolated sub-interpreter cannot load orjson
