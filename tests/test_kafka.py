@@ -197,3 +197,50 @@ def test_url_options_reach_only_the_clients_that_take_them():
     assert producer == {"linger_ms": 5, "request_timeout_ms": 9000}
     assert consumer == {"session_timeout_ms": 6000, "request_timeout_ms": 9000, "fetch_max_wait_ms": 5}
     assert admin == {"request_timeout_ms": 9000}
+
+
+def test_pipes_consumers_read_record_batches_as_tuples_and_others_are_untouched(kafka_url, tmp_path):
+    # pipes/brokers/records_fast.py reads aiokafka's record batches itself: keys, values,
+    # headers, tombstones and offsets must come out as they went in, and a plain aiokafka
+    # consumer in the same process still gets ConsumerRecords.
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import ConsumerRecord
+
+    from pipes.brokers.kafka import KafkaBroker
+
+    topic = unique("tuples")
+    sent = [(None, b"v0", []), (b"k1", b"v1", [("h", b"x"), ("h2", b"")]), (b"k2", None, [])]
+
+    async def scenario():
+        bootstrap, opts = parse_url(kafka_url)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **opts)
+        await producer.start()
+        try:
+            for key, value, headers in sent:  # the topic is created on first use
+                await producer.send_and_wait(topic, value, key=key, headers=headers, partition=0,
+                                             timestamp_ms=1_700_000_000_000)
+        finally:
+            await producer.stop()
+        settings = pipes.Settings(broker=kafka_url, data_dir=str(tmp_path))
+        broker = KafkaBroker("tuples", settings)
+        broker._partitions[topic] = 1
+        consumer = broker.consumer(None, [topic])
+        await consumer.start()
+        got = []
+        try:
+            for _ in range(100):
+                for _, _, recs in await consumer.poll(100, 0.1):
+                    got += recs
+                if len(got) >= 3:
+                    break
+        finally:
+            await consumer.close()
+        plain = await read_topic(kafka_url, topic)
+        return got, plain
+
+    got, plain = asyncio.run(scenario())
+    ts = 1_700_000_000_000
+    assert got == [(0, None, b"v0", None, ts), (1, b"k1", b"v1", (("h", b"x"), ("h2", b"")), ts),
+                   (2, b"k2", b"", None, ts)]
+    assert all(type(m) is ConsumerRecord for m in plain)
+    assert [(m.key, m.value, list(m.headers)) for m in plain] == sent

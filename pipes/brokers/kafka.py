@@ -34,6 +34,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from . import records_fast
+
 from ..errors import BrokerError, ConfigError
 from ..settings import Settings
 from ..store import Store, state_prefix
@@ -350,18 +352,14 @@ class KafkaBroker:
         producer = self.producer
         futures = []
         for (topic, p), outputs in records.items():
-            batch = producer.create_batch()
-            count = 0
-            for key, value, headers, ts in outputs:
-                if batch.append(key=key, value=value, timestamp=ts or None, headers=list(headers) if headers else []) is None:
-                    batch.close()
-                    futures.append((topic, p, count, await producer.send_batch(batch, topic, partition=p)))
-                    batch, count = producer.create_batch(), 0
-                    if batch.append(key=key, value=value, timestamp=ts or None, headers=list(headers) if headers else []) is None:
-                        raise BrokerError(f"a record of {len(value)} bytes is larger than a batch to {topic!r}")
-                count += 1
-            batch.close()
-            futures.append((topic, p, count, await producer.send_batch(batch, topic, partition=p)))
+            start = 0
+            while start < len(outputs):
+                batch = producer.create_batch()
+                count = records_fast.fill(batch, outputs, start)
+                if not count:
+                    raise BrokerError(f"a record of {len(outputs[start][1])} bytes is larger than a batch to {topic!r}")
+                futures.append((topic, p, count, await producer.send_batch(batch, topic, partition=p)))
+                start += count
         ends: dict[tuple[str, int], int] = {}
         try:
             metas = await asyncio.gather(*(f for *_, f in futures))
@@ -447,12 +445,15 @@ class KafkaConsumer:
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
         self._fetch: asyncio.Task | None = None
-        # 2 MiB per partition: large batches, yet every assigned partition gets its turn.
+        # 2 MiB per partition: large batches, yet every assigned partition gets its turn. A
+        # 5 ms fetch wait: a broker that holds a fetch for its whole wait even when records
+        # arrive (Tansu does; Kafka answers at once) otherwise delays every stage by it.
         self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
+                                  value_deserializer=records_fast.AS_TUPLES,
                                   **client_options(broker.options, "consumer", {
                                       "fetch_max_bytes": 64 << 20, "max_partition_fetch_bytes": 2 << 20,
-                                      "fetch_max_wait_ms": 100}))
+                                      "fetch_max_wait_ms": 5}))
 
     async def start(self) -> None:
         try:
@@ -540,13 +541,11 @@ class KafkaConsumer:
         except KafkaError as e:
             raise BrokerError(f"consuming from {self.broker.url} failed: {e}") from e
         out = []
-        for tp, msgs in data.items():
-            if not msgs:
-                continue
-            recs = [(m.offset, m.key, b"" if (v := m.value) is None else v, tuple(h) if (h := m.headers) else None,
-                     m.timestamp) for m in msgs]
-            self.positions[(tp.topic, tp.partition)] = msgs[-1].offset + 1
-            out.append((tp.topic, tp.partition, recs))
+        positions = self.positions
+        for tp, recs in data.items():  # records already as Polled tuples (records_fast)
+            if recs:
+                positions[(tp.topic, tp.partition)] = recs[-1][0] + 1
+                out.append((tp.topic, tp.partition, recs))
         return out
 
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:

@@ -1,0 +1,82 @@
+"""The two per-record steps of kafka:// that aiokafka's public API makes slow, done directly.
+
+* Consuming: aiokafka builds a ``ConsumerRecord`` (eleven fields, in Python) for every
+  fetched record, which pipes then turned into its own ``Polled`` tuple. A consumer made
+  with ``value_deserializer=AS_TUPLES`` gets the tuples straight from the record batches
+  (0.35 µs a record instead of 1.05 µs, measured on 5,000-record batches).
+* Producing: ``BatchBuilder.append`` wraps the record-batch builder with keyword
+  arguments, a serializer step and a metadata object; :func:`fill` appends to the
+  builder itself (0.17 µs a record instead of 0.35 µs).
+
+Both use aiokafka internals (``PartitionRecords._unpack_records``, ``BatchBuilder._builder``),
+which is why pyproject pins aiokafka to the 0.14 series; tests/test_kafka.py checks that
+pipes' consumers get tuples. Other consumers in the process, without the marker, are
+untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.consumer import fetcher
+from aiokafka.errors import CorruptRecordException
+
+_NO_HEADERS: list = []  # the builder only reads it
+
+
+class _AsTuples:
+    """The value deserializer that marks a pipes consumer: records come as Polled tuples
+    ``(offset, key, value, headers, timestamp_ms)``, a missing value as b\"\"."""
+
+    def __call__(self, value: bytes | None) -> bytes | None:  # not called on the fast path
+        return value
+
+    def __repr__(self) -> str:
+        return "pipes.AS_TUPLES"
+
+
+AS_TUPLES = _AsTuples()
+
+
+class PartitionRecords(fetcher.PartitionRecords):
+    def __iter__(self) -> Any:
+        # FetchResult.getall() loops `for msg in` this: hand it the generator itself, so each
+        # record skips __next__'s extra call (getone() still goes through __next__).
+        return self._records_iterator if self._records_iterator is not None else iter(())
+
+    def _unpack_records(self) -> Any:
+        if self._value_deserializer is not AS_TUPLES or self._isolation_level != fetcher.READ_UNCOMMITTED:
+            yield from super()._unpack_records()
+            return
+        records = self._records
+        while records.has_next():
+            batch = records.next_batch()
+            if self._check_crcs and not batch.validate_crc():
+                raise CorruptRecordException(f"Invalid CRC - {self._tp}")
+            if not batch.is_control_batch:
+                floor = self.next_fetch_offset
+                for r in batch:
+                    offset = r.offset
+                    if offset < floor:  # a compacted or re-fetched batch starts before the position
+                        continue
+                    self.next_fetch_offset = offset + 1
+                    yield offset, r.key, r.value or b"", tuple(r.headers) or None, r.timestamp
+            self.next_fetch_offset = batch.next_offset
+
+
+fetcher.PartitionRecords = PartitionRecords  # the class aiokafka's Fetcher instantiates
+
+
+def fill(batch: Any, outputs: list, start: int) -> int:
+    """Append ``outputs[start:]`` (key, value, headers, timestamp_ms) to a producer batch
+    until it is full; close it and return how many went in."""
+    append = batch._builder.append
+    n = 0
+    for i in range(start, len(outputs)):
+        key, value, headers, ts = outputs[i]
+        if append(n, ts or None, key, value, list(headers) if headers else _NO_HEADERS) is None:
+            break
+        n += 1
+    batch._relative_offset = n
+    batch.close()
+    return n
