@@ -281,7 +281,7 @@ class _Outputs:
         self.topic_of: dict[int, str] = {}
         self.unsendable = set(unsendable)
 
-    def buffer(self, topic: str) -> list:
+    def buffer(self, topic: str, scope: tuple | None = None) -> list:
         buf = self.buffers.get(topic)
         if buf is None:
             if topic in self.unsendable:

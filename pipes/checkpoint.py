@@ -35,7 +35,8 @@ class Snapshotting(Protocol):
 
 
 class Checkpoint:
-    def __init__(self, broker: Broker, group: str, *, commit_interval: float, commit_every: int):
+    def __init__(self, broker: Broker, group: str, *, commit_interval: float, commit_every: int,
+                 scoped: bool = False):
         self.broker = broker
         self.group = group
         self.commit_interval = commit_interval
@@ -48,27 +49,42 @@ class Checkpoint:
         self.commits = 0
         self.committed_messages = 0
         self._committed = asyncio.Event()
-        self.outputs: dict[str, list] = {}  # topic -> encoded outputs since the last checkpoint
+        # Encoded outputs since the last checkpoint, topic -> list. With `scoped` (exactly-once
+        # on Kafka: a transaction per input partition) they are kept apart per input partition:
+        # `scope`, set by the runner to the partition being processed, or the one a caller
+        # names (sources: their lease partition; the DLQ: the failed record's partition).
+        self.scoped = scoped
+        self.scope: tuple[str, int] | None = None
+        self.scopes: dict[tuple[str, int] | None, dict[str, list]] = {None: {}}
+        self.outputs = self.scopes[None]
         self._reset()
 
     def _reset(self) -> None:
         # Buffers are emptied in place: sources and nodes may hold them across an await.
-        for buf in self.outputs.values():
-            buf.clear()
+        for outputs in self.scopes.values():
+            for buf in outputs.values():
+                buf.clear()
         self.offsets: dict[tuple[str, int], int] = {}
         self.count = 0  # messages consumed or produced since the last checkpoint
         self.started = time.monotonic()
 
-    def buffer(self, topic: str) -> list:
+    def buffer(self, topic: str, scope: tuple[str, int] | None = None) -> list:
         """The list outputs to `topic` are appended to until the next checkpoint."""
-        buf = self.outputs.get(topic)
+        outputs = self.outputs
+        if self.scoped:
+            scope = scope or self.scope
+            outputs = self.scopes.get(scope)
+            if outputs is None:
+                outputs = self.scopes[scope] = {}
+        buf = outputs.get(topic)
         if buf is None:
-            buf = self.outputs[topic] = []
+            buf = outputs[topic] = []
         return buf
 
     @property
     def pending(self) -> bool:
-        return bool(self.count or self.offsets or any(self.outputs.values()))
+        return bool(self.count or self.offsets
+                    or any(buf for outputs in self.scopes.values() for buf in outputs.values()))
 
     def due(self, *, backlog: bool) -> bool:
         """Commit now? Yes once there is something to commit and the input is drained
@@ -87,7 +103,13 @@ class Checkpoint:
     async def commit(self) -> None:
         for sink in self.sinks:
             await sink.flush(self)
-        changes = Changes(outputs={t: list(o) for t, o in self.outputs.items() if o}, offsets=self.offsets)
+        changes = Changes(offsets=self.offsets)
+        for scope, outputs in self.scopes.items():
+            taken = {t: list(o) for t, o in outputs.items() if o}
+            if taken and not self.scoped:
+                changes.outputs = taken
+            elif taken:
+                changes.scoped[scope] = taken
         for table in self.tables:
             table.drain(changes.state)
         for source in self.sources:

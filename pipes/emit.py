@@ -60,8 +60,9 @@ def serializers_of(graph: Graph | None, topic: str) -> tuple[Serializer, Seriali
 class Emitter:
     """Encodes a node's results onto its output topics."""
 
-    def __init__(self, node: Node, graph: Graph):
+    def __init__(self, node: Node, graph: Graph, scope: tuple[str, int] | None = None):
         self.graph = graph
+        self.scope = scope  # the input partition its outputs belong to, if not the checkpoint's current one
         # Destinations grouped by (value, key) serializer, so each value is encoded once per group.
         groups: dict[tuple[str, str], list[str]] = {}
         sers: dict[tuple[str, str], tuple[Serializer, Serializer]] = {}
@@ -73,7 +74,8 @@ class Emitter:
 
     def buffers(self, ckpt: Any) -> list[tuple[Callable, Callable, list[list]]]:
         """Per serializer group: (value dumps, key dumps, [buffer per topic]) for this batch."""
-        return [(vd, kd, [ckpt.buffer(t) for t in ts]) for vd, kd, ts in self.groups]
+        scope = self.scope
+        return [(vd, kd, [ckpt.buffer(t, scope) for t in ts]) for vd, kd, ts in self.groups]
 
     def encode(self, result: Any, key: bytes | None, headers: tuple | None, ts: int,
                bufs: list, ckpt: Any, staged: list | None = None, came_from: str | None = None) -> None:
@@ -94,7 +96,7 @@ class Emitter:
                         bufs: list, ckpt: Any, staged: list | None, came_from: str | None) -> None:
         if m.topic is not None and m.topic != came_from:
             vs, ks = serializers_of(self.graph, m.topic)
-            bufs = [(vs.dumps, ks.dumps, [ckpt.buffer(m.topic)])]
+            bufs = [(vs.dumps, ks.dumps, [ckpt.buffer(m.topic, self.scope)])]
         h = encode_headers(m.headers) if m.headers else headers
         t = m.timestamp if m.timestamp is not None else ts
         for vdumps, kdumps, targets in bufs:

@@ -51,7 +51,7 @@ class Failures:
                 ("pipes.partition", str(partition).encode()),
                 ("pipes.offset", str(offset).encode()),
             )
-            ckpt.buffer(f"{topic}.dlq").append((key, raw, (headers or ()) + error_headers, ts))
+            ckpt.buffer(f"{topic}.dlq", (topic, partition)).append((key, raw, (headers or ()) + error_headers, ts))
         if self.counts[kind] == 1:
             dest = f"sent to {topic}.dlq" if policy == "dlq" else "skipped"
             log.error("%s (%s; further %s errors of node %r are counted, not logged)",

@@ -44,22 +44,27 @@ class TopologyRunner:
         self.broker = broker
         self.settings = settings
         self.ckpt = Checkpoint(broker, topology.group, commit_interval=settings.commit_interval,
-                               commit_every=settings.commit_every)
+                               commit_every=settings.commit_every, scoped=broker.scoped)
         self.tables = {n.id: StateTable(broker.store, n.id) for n in topology.nodes if n.stateful}
         self.transforms = [processor(n, graph, self.tables.get(n.id))
                            for n in topology.nodes if n.kind == "transform"]
         # Processors driven by wall-clock time too (windows closing, timers), and how often.
         self.ticking = [p for p in self.transforms if hasattr(p, "tick")]
+        if self.ticking and broker.scoped:
+            raise ConfigError(f"guarantee='exactly_once' cannot cover what node "
+                              f"{self.ticking[0].node.id!r} emits on wall-clock time (timers, windows closed "
+                              f"by the clock): its outputs belong to no input partition's transaction; use "
+                              f"guarantee='at_least_once' for topology {topology.name!r}")
         self.tick_interval = min([getattr(p, "tick_interval", 1.0) for p in self.ticking] or [settings.commit_interval])
         self._next_tick = 0.0
         self.sinks = [Sink(n, graph) for n in topology.nodes if n.kind == "sink"]
         self.sources: list[Source] = []
         self.lease = lease_topic(topology) if topology.sources else None
-        # Per input topic: (processor, its metrics, the buffers of its output topics).
+        # Per input topic: (processor, its metrics, its output topics).
         self.metrics = metrics or TopologyMetrics()
         self.by_topic: dict[str, list] = {}
         for proc in [*self.transforms, *self.sinks]:
-            counted = (proc, self.metrics.node(proc.node.id), [self.ckpt.buffer(t) for t in proc.node.outputs])
+            counted = (proc, self.metrics.node(proc.node.id), proc.node.outputs)
             for t in proc.node.inputs:
                 self.by_topic.setdefault(t, []).append(counted)
         self.ckpt.on_commit.append(self._checkpointed)
@@ -106,9 +111,10 @@ class TopologyRunner:
                 await self._close_sources()
             for table in self.tables.values():
                 table.forget()
+            await self.broker.release(self.topology, tps)
 
     def _start_sources(self) -> None:
-        self.sources = [Source(n, self.graph, self.broker.store) for n in self.topology.sources]
+        self.sources = [Source(n, self.graph, self.broker.store, (self.lease, 0)) for n in self.topology.sources]
         self.ckpt.sources = self.sources
         self._source_tasks = [asyncio.create_task(s.run(self.ckpt), name=f"source {s.id}") for s in self.sources]
 
@@ -213,7 +219,9 @@ class TopologyRunner:
                 records = [r for r in records if r[0] >= floor]
                 if not records:
                     continue
-            for proc, m, outs in by_topic.get(topic, ()):
+            ckpt.scope = (topic, partition)  # whose transaction its outputs join (exactly-once)
+            for proc, m, topics in by_topic.get(topic, ()):
+                outs = [ckpt.buffer(t) for t in topics]
                 before = sum(map(len, outs))
                 began = clock()
                 await proc.process(topic, partition, records, ckpt)

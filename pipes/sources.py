@@ -45,10 +45,10 @@ def is_connector(target: Any) -> bool:
 
 
 class Source:
-    def __init__(self, node: Node, graph: Graph, store: Store):
+    def __init__(self, node: Node, graph: Graph, store: Store, scope: tuple[str, int] | None = None):
         self.node = node
         self.id = node.id
-        self.emitter = Emitter(node, graph)
+        self.emitter = Emitter(node, graph, scope)  # scope: the lease partition, whose checkpoint holds ours
         raw = store.get("sources", node.id.encode())
         saved = pickle.loads(raw) if raw is not None else {}
         self.state: dict = saved.get("state", {})

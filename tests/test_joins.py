@@ -27,7 +27,7 @@ class _Buffers:
     def __init__(self) -> None:
         self.outputs: dict[str, list] = {}
 
-    def buffer(self, topic: str) -> list:
+    def buffer(self, topic: str, scope: tuple | None = None) -> list:
         return self.outputs.setdefault(topic, [])
 
 

@@ -67,6 +67,15 @@ POLL = int(os.environ.get("KAFKA_FAULT_POLL", "10"))  # records per poll and per
 # Outputs a fault may send twice: those of the checkpoint it abandons (one poll of at most
 # POLL records). Only the SIGKILL abandons one; clean revocations and SIGTERM none.
 DUPLICATES_ALLOWED = 3 * POLL
+# PIPES_TEST_KAFKA_TXN_BROKER: a broker with transactions, for the exactly-once variant.
+TXN_BROKER = os.environ.get("PIPES_TEST_KAFKA_TXN_BROKER")
+
+
+def exactly_once() -> bool:
+    """Whether this test runs the workers with guarantee="exactly_once" (set through the
+    environment they inherit): then readers see committed records only, and no duplicates
+    are allowed."""
+    return os.environ.get("PIPES_GUARANTEE") == "exactly_once"
 
 
 # -- the input and its recomputation -------------------------------------------------------
@@ -134,7 +143,8 @@ class Reader:
         self.tps = [TopicPartition(topic, p) for p in range(partitions)]
         self.c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                   auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
-                                  max_partition_fetch_bytes=4 << 20)
+                                  max_partition_fetch_bytes=4 << 20,
+                                  isolation_level="read_committed" if exactly_once() else "read_uncommitted")
         self.records: dict[int, list[tuple[int, bytes | None, bytes | None]]] = {p: [] for p in range(partitions)}
 
     async def __aenter__(self) -> Reader:
@@ -368,7 +378,8 @@ def verify(inputs: dict[int, list], outputs: dict[int, list], changelog: dict[in
     assert processed == ends, f"processed offsets restored from the changelog {processed} != input ends {ends}"
     assert final and not wrong_final, (f"the final worker's state differs for {len(wrong_final)} keys (got, want), "
                                        f"e.g. {dict(list(wrong_final.items())[:5])}; {report}")
-    assert duplicates <= DUPLICATES_ALLOWED, f"{duplicates} duplicate outputs > {DUPLICATES_ALLOWED}; {report}"
+    allowed = 0 if exactly_once() else DUPLICATES_ALLOWED
+    assert duplicates <= allowed, f"{duplicates} duplicate outputs > {allowed}; {report}"
     return report
 
 
@@ -414,7 +425,8 @@ async def restore_everything(url: str, name: str, data_dir: Path) -> tuple[dict[
     """What a worker assigned every partition restores (pipes' own changelog replay, into an
     empty data dir, without a consumer group): every key's state and the processed offsets."""
     app = load_app(name)
-    settings = app.settings.override(broker=url, data_dir=str(data_dir))
+    settings = app.settings.override(broker=url, data_dir=str(data_dir),
+                                     guarantee="exactly_once" if exactly_once() else "at_least_once")
     graph = app.build(settings)
     topology = graph.topologies["main"]
     broker = KafkaBroker(app.name, settings)
@@ -457,6 +469,14 @@ def bootstrap_of(url: str) -> str:
 # -- 1. workers killed, joining and leaving ---------------------------------------------------
 def test_workers_killed_joining_and_leaving(kafka_url, tmp_path):
     asyncio.run(_workers_killed_joining_and_leaving(kafka_url, tmp_path))
+
+
+@pytest.mark.skipif(not TXN_BROKER, reason="needs a broker with transactions: set PIPES_TEST_KAFKA_TXN_BROKER="
+                                           "kafka://host:port (Tansu, the test broker, has none)")
+def test_exactly_once_workers_killed_joining_and_leaving(tmp_path, monkeypatch):
+    # The same faults with guarantee="exactly_once": read committed, not one duplicate output.
+    monkeypatch.setenv("PIPES_GUARANTEE", "exactly_once")
+    asyncio.run(_workers_killed_joining_and_leaving(TXN_BROKER, tmp_path))
 
 
 async def _workers_killed_joining_and_leaving(url: str, tmp: Path) -> None:

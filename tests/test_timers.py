@@ -128,7 +128,7 @@ async def _feed(settings: pipes.Settings, app: pipes.App, topic: str, values: li
         outputs: dict[str, list] = {}
 
         class Buffers:
-            def buffer(self, t):
+            def buffer(self, t, scope=None):
                 return outputs.setdefault(t, [])
 
         emitter = Emitter(Node(id="feed", kind="source", topology="", target=None, outputs=(topic,)), graph)

@@ -42,9 +42,11 @@ class Changes:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to process
     state: dict[bytes, bytes | None] = field(default_factory=dict)  # store key -> value (None deletes)
     sources: dict[str, bytes] = field(default_factory=dict)  # source node id -> checkpoint
+    # Exactly-once on Kafka: outputs per input partition that caused them (its transaction).
+    scoped: dict[tuple[str, int] | None, dict[str, list[Output]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.outputs or self.records or self.offsets or self.state or self.sources)
+        return bool(self.outputs or self.records or self.offsets or self.state or self.sources or self.scoped)
 
     def by_partition(self, partitions: Callable[[str], int]) -> dict[tuple[str, int], list[Output]]:
         """`records` plus `outputs` divided among partitions (murmur2 of the key, else CRC of the value)."""
@@ -80,12 +82,14 @@ class Consumer(Protocol):
 class Broker(Protocol):
     url: str
     store: Store
+    scoped: bool  # wants outputs kept per input partition (Changes.scoped): Kafka transactions
 
     async def open(self, graph: Graph, topologies: Sequence[Topology]) -> None: ...  # creates topics
     async def close(self) -> None: ...
     def partitions(self, topic: str) -> int: ...  # an undeclared topic is created with the defaults
     def consumer(self, group: str, topics: Sequence[str], listener: Listener | None = None) -> Consumer: ...
     async def restore(self, topology: Topology, tps: list[tuple[str, int]]) -> None: ...  # state of gained partitions
+    async def release(self, topology: Topology, tps: list[tuple[str, int]]) -> None: ...  # after revoked ones' checkpoint
     async def commit(self, group: str, changes: Changes) -> None: ...
 
 

@@ -18,6 +18,15 @@ So a changelog record at input offset X means every output up to X is durable. A
 a crash, processing resumes at the larger of the committed offset and the processed
 offset recorded with the state: keyed state is exactly-once, outputs at-least-once
 (duplicates bounded by one checkpoint), and nothing is lost.
+
+With ``guarantee="exactly_once"`` steps 1, 2 and 4 are one Kafka transaction per input
+partition: what the records of that partition caused (outputs, dead letters, changelog
+records of its keyed state, for the lease partition the sources' outputs and checkpoints)
+and its consumer offset commit together or not at all. The transactional id is
+``<group>.<topic>.<partition>``: aiokafka has no KIP-447 fencing by group generation, so a
+worker that gains a partition fences the producer of its previous owner (a zombie) by
+starting its own with that id, before it reads the partition's committed offset.
+Consumers read committed records only.
 """
 
 from __future__ import annotations
@@ -116,8 +125,12 @@ class KafkaBroker:
         self._consumers: dict[str | None, KafkaConsumer] = {}
         self._changelogs: dict[str, str] = {}  # stateful node -> changelog topic
         self._inputs: dict[str, tuple[str, ...]] = {}  # stateful node -> its input topics
+        self._input_of: dict[str, str] = {}  # changelog topic -> its node's first input topic
         self._replication: dict[str, int] = {}
         self.produced: dict[tuple[str, int], int] = {}  # next offset after what this process produced
+        self.scoped = settings.guarantee == "exactly_once"  # a transaction per input partition
+        self._isolation = "read_committed" if self.scoped else "read_uncommitted"
+        self._txn: dict[tuple[str, int], AIOKafkaProducer] = {}  # input partition -> its transactional producer
 
     @property
     def store(self) -> Store:
@@ -130,7 +143,8 @@ class KafkaBroker:
 
     # -- topics ---------------------------------------------------------------------
     async def open(self, graph: Graph | None = None, topologies: Sequence[Topology] = ()) -> None:
-        if self.settings.guarantee == "exactly_once":
+        if self.scoped:
+            _check_scopes(topologies)
             await self._check_transactions()
         try:
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", **client_options(
@@ -157,6 +171,7 @@ class KafkaBroker:
                     if node.stateful:
                         topic = self._changelogs[node.id] = changelog_topic(self.app, node.id)
                         self._inputs[node.id] = node.inputs
+                        self._input_of[topic] = node.inputs[0]
                         n = max(graph.topics[t].partitions for t in node.inputs)
                         wanted[topic] = (n, {"cleanup.policy": "compact"})
         await self._ensure(wanted)
@@ -174,8 +189,6 @@ class KafkaBroker:
                 f"keyed state stays exactly-once, outputs are at-least-once") from None
         finally:
             await probe.stop()
-        raise ConfigError("guarantee='exactly_once' on kafka:// is not available in this version of pipes: "
-                          "use guarantee='at_least_once' (keyed state is exactly-once either way)")
 
     async def _ensure(self, wanted: dict[str, tuple[int, dict[str, str]]]) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **client_options(self.options, "admin"))
@@ -238,6 +251,8 @@ class KafkaBroker:
     async def restore(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
         """Bring the local RocksDB up to date for gained partitions, then seek each to the
         larger of its committed offset and the offset processed with the restored state."""
+        if self.scoped:  # fence the previous owners first: their open transactions are aborted
+            await asyncio.gather(*(self._transactional(topology.group, tp) for tp in tps))
         parts = {p for _, p in tps}
         sources: list[tuple[str, int, str, bytes]] = []  # (changelog topic, partition, cf, prefix)
         for node in topology.nodes:
@@ -253,10 +268,32 @@ class KafkaBroker:
         if consumer is not None:
             await consumer.seek_processed(tps, self.store.offsets(topology.group))
 
+    async def _transactional(self, group: str, tp: tuple[str, int]) -> None:
+        if tp in self._txn:
+            return
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                                    transactional_id=f"{group}.{tp[0]}.{tp[1]}", **client_options(
+                                        self.options, "producer", {"linger_ms": 1, "max_batch_size": 1 << 20,
+                                                                   "max_request_size": 16 << 20}))
+        try:
+            await producer.start()  # InitProducerId: fences the id's previous producer
+        except KafkaError as e:
+            await producer.stop()
+            raise BrokerError(f"cannot start the transactional producer for {tp[0]}[{tp[1]}] on {self.url}: {e}") from e
+        self._txn[tp] = producer
+
+    async def release(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
+        """Revoked partitions, after their last checkpoint: their transactional producers go."""
+        for tp in tps:
+            producer = self._txn.pop(tp, None)
+            if producer is not None:
+                await producer.stop()
+
     async def _replay(self, group: str, logs: list[tuple[str, int, str, bytes]]) -> None:
         """Apply changelog records from each log's recorded position to its end."""
         c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest", **client_options(self.options, "consumer"))
+                             auto_offset_reset="earliest", isolation_level=self._isolation,
+                             **client_options(self.options, "consumer"))
         await c.start()
         try:
             todo: dict[TopicPartition, tuple[str, bytes]] = {}
@@ -288,9 +325,9 @@ class KafkaBroker:
                             if name == "pipes.offsets":
                                 for t, part, off in msgpack.unpackb(value):
                                     processed[(t, part)] = max(processed.get((t, part), 0), off)
-                    if msgs:
-                        pos[tp] = msgs[-1].offset + 1
-                        restored += len(msgs)
+                    restored += len(msgs)
+                for tp in todo:  # past records and transaction markers alike
+                    pos[tp] = records_fast.position(c, tp) or pos[tp]
                     wb.put(_position_key(tp.topic, tp.partition), _Q.pack(pos[tp]), self.store.handle["meta"])
                 for tp in list(pending):
                     hw = c.highwater(tp)
@@ -313,13 +350,41 @@ class KafkaBroker:
 
     # -- committing --------------------------------------------------------------------
     async def commit(self, group: str, changes: Changes) -> None:
-        records = changes.by_partition(self.partitions)
+        transactional = self.scoped and not (changes.outputs or changes.records)  # tools (send, replay): not
+        # Partitioned first: a topic used for the first time is created now, and waited for.
+        if transactional:
+            scoped = {tp: Changes(outputs=outputs).by_partition(self.partitions)
+                      for tp, outputs in changes.scoped.items()}
+        else:
+            records = changes.by_partition(self.partitions)
         if self._creating:
             creating, self._creating = self._creating, {}
             await asyncio.gather(*creating.values())
-        # 1. outputs, acknowledged
-        await self._produce(records)
-        # 2. changelogs and source checkpoints, acknowledged: what they record is durable
+        logs = self._logs(group, changes)
+        if transactional:
+            ends = await self._transactions(group, scoped, changes.offsets, logs)
+        else:
+            # 1. outputs, acknowledged
+            await self._produce(records)
+            # 2. changelogs and source checkpoints, acknowledged: what they record is durable
+            ends = await self._produce(logs)
+        # 3. state, processed offsets and changelog positions, in one write batch
+        store = self.store
+        wb = store.batch()
+        store.stage_state(wb, changes.state)
+        store.stage_offsets(wb, group, changes.offsets)
+        store.stage_sources(wb, changes.sources)
+        for (topic, p), end in ends.items():
+            wb.put(_position_key(topic, p), _Q.pack(end), store.handle["meta"])
+        store.write(wb)
+        # 4. consumer offsets (exactly-once: committed with each transaction)
+        consumer = self._consumers.get(group)
+        if consumer is not None and changes.offsets and not transactional:
+            await consumer.commit(changes.offsets)
+
+    def _logs(self, group: str, changes: Changes) -> dict[tuple[str, int], list]:
+        """Changelog records of the touched state (each carrying the processed offsets of the
+        node's inputs) and the sources' checkpoints on the lease topic."""
         logs: dict[tuple[str, int], list] = {}
         headers: dict[tuple[str, int], tuple] = {}
         for k, v in changes.state.items():
@@ -330,26 +395,60 @@ class KafkaBroker:
                 headers[tp] = (("pipes.offsets", msgpack.packb(offsets)),) if offsets else None
             logs.setdefault(tp, []).append((key, v, headers[tp], 0))
         if changes.sources:
-            lease = f"{group}.sources"
-            logs[(lease, 0)] = [(node.encode(), v, None, 0) for node, v in changes.sources.items()]
-        ends = await self._produce(logs)
-        # 3. state, processed offsets and changelog positions, in one write batch
-        store = self.store
-        wb = store.batch()
-        store.stage_state(wb, changes.state)
-        store.stage_offsets(wb, group, changes.offsets)
-        store.stage_sources(wb, changes.sources)
-        for (topic, p), end in ends.items():
-            wb.put(_position_key(topic, p), _Q.pack(end), store.handle["meta"])
-        store.write(wb)
-        # 4. consumer offsets
-        consumer = self._consumers.get(group)
-        if consumer is not None and changes.offsets:
-            await consumer.commit(changes.offsets)
+            logs[(f"{group}.sources", 0)] = [(node.encode(), v, None, 0) for node, v in changes.sources.items()]
+        return logs
 
-    async def _produce(self, records: dict[tuple[str, int], list]) -> dict[tuple[str, int], int]:
+    async def _transactions(self, group: str, scoped: dict, offsets: dict[tuple[str, int], int],
+                            logs: dict[tuple[str, int], list]) -> dict[tuple[str, int], int]:
+        """Exactly-once steps 1, 2 and 4: per input partition, one transaction holding what its
+        records caused and its consumer offset. Returns the changelogs' next offsets."""
+        work: dict[tuple[str, int], tuple[dict, dict]] = {}  # input partition -> (records, offsets)
+
+        def scope(tp: tuple[str, int]) -> tuple[dict, dict]:
+            if tp not in self._txn:
+                raise BrokerError(f"exactly-once: {tp[0]}[{tp[1]}] has outputs to commit but is not assigned "
+                                  f"to this worker")
+            return work.setdefault(tp, ({}, {}))
+
+        for tp, records in scoped.items():
+            if tp is None:
+                raise BrokerError("exactly-once: outputs that belong to no input partition")
+            scope(tp)[0].update(records)
+        for (log_topic, p), recs in logs.items():
+            # A stateful node's partition p is its (one) input topic's partition p; sources
+            # checkpoint on the lease partition.
+            tp = (log_topic, 0) if log_topic == f"{group}.sources" else (self._input_of[log_topic], p)
+            scope(tp)[0][(log_topic, p)] = recs
+        for tp, offset in offsets.items():
+            scope(tp)[1][TopicPartition(*tp)] = offset
+        ends: dict[tuple[str, int], int] = {}
+        for part in await asyncio.gather(*(self._transaction(self._txn[tp], group, records, offsets)
+                                           for tp, (records, offsets) in work.items())):
+            ends.update(part)
+        return {tp: end for tp, end in ends.items() if tp in logs}
+
+    async def _transaction(self, producer: AIOKafkaProducer, group: str, records: dict, offsets: dict
+                           ) -> dict[tuple[str, int], int]:
+        try:
+            await producer.begin_transaction()
+            try:
+                ends = await self._produce(records, producer)
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, group)
+                await producer.commit_transaction()
+            except BaseException:
+                if producer._txn_manager.is_in_transaction():
+                    await producer.abort_transaction()
+                raise
+        except KafkaError as e:
+            raise BrokerError(f"a transaction of {producer._txn_manager.transactional_id!r} on {self.url} "
+                              f"failed: {type(e).__name__}: {e}") from e
+        return ends
+
+    async def _produce(self, records: dict[tuple[str, int], list], producer: AIOKafkaProducer | None = None
+                       ) -> dict[tuple[str, int], int]:
         """Send every record in batches and wait for all acks; returns each partition's next offset."""
-        producer = self.producer
+        producer = producer or self.producer
         futures = []
         for (topic, p), outputs in records.items():
             start = 0
@@ -376,12 +475,26 @@ class KafkaBroker:
     async def close(self) -> None:
         for consumer in list(self._consumers.values()):
             await consumer.close()
+        for producer in self._txn.values():
+            await producer.stop()
+        self._txn = {}
         for task in self._creating.values():
             task.cancel()
         if self.producer is not None:
             await self.producer.stop()
         if self._store is not None:
             self._store.close()
+
+
+def _check_scopes(topologies: Sequence[Topology]) -> None:
+    """Exactly-once commits a stateful node's partition p with its input partition p: a node
+    reading several topics (a join) would need their partitions p in one transaction."""
+    for topo in topologies:
+        for node in topo.nodes:
+            if node.stateful and len(node.inputs) > 1:
+                raise ConfigError(f"guarantee='exactly_once' does not cover node {node.id!r}: it keeps state over "
+                                  f"several input topics ({', '.join(node.inputs)}); use "
+                                  f"guarantee='at_least_once' for topology {topo.name!r}")
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
@@ -414,7 +527,6 @@ class _Rebalance(ConsumerRebalanceListener):
             await self._call(self.consumer.listener.revoked, tps)  # its checkpoint commits offsets
         self.consumer.owned = set()
         for tp in tps:
-            self.consumer.positions.pop(tp, None)
             self.consumer.floors.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -440,7 +552,6 @@ class KafkaConsumer:
         self.topics = list(topics)
         self.listener = listener
         self.owned: set[tuple[str, int]] = set()
-        self.positions: dict[tuple[str, int], int] = {}
         self.floors: dict[tuple[str, int], int] = {}  # first offset to process, set when (re)assigned
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
@@ -450,7 +561,7 @@ class KafkaConsumer:
         # arrive (Tansu does; Kafka answers at once) otherwise delays every stage by it.
         self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
-                                  value_deserializer=records_fast.AS_TUPLES,
+                                  value_deserializer=records_fast.AS_TUPLES, isolation_level=broker._isolation,
                                   **client_options(broker.options, "consumer", {
                                       "fetch_max_bytes": 64 << 20, "max_partition_fetch_bytes": 2 << 20,
                                       "fetch_max_wait_ms": 5}))
@@ -482,11 +593,10 @@ class KafkaConsumer:
             if processed.get((topic, p), 0) > (committed or 0):
                 self.c.seek(tp, start)
             self.floors[(topic, p)] = start
-            self.positions[(topic, p)] = max(self.positions.get((topic, p), 0), start)
 
     def seek(self, tp: tuple[str, int], offset: int) -> None:
         self.c.seek(TopicPartition(*tp), offset)
-        self.positions[tp] = self.floors[tp] = offset
+        self.floors[tp] = offset
 
     async def seek_to_end(self) -> None:
         await self.c.seek_to_end()
@@ -502,12 +612,15 @@ class KafkaConsumer:
             return None
         return max(hw, self.broker.produced.get(tp, 0))
 
+    def _position(self, tp: tuple[str, int]) -> int | None:
+        return records_fast.position(self.c, TopicPartition(*tp))
+
     def lag(self) -> dict[tuple[str, int], int]:
         out = {}
         for tp in self.owned:
             end = self._end(tp)
             if end is not None:
-                out[tp] = max(0, end - self.positions.get(tp, 0))
+                out[tp] = max(0, end - (self._position(tp) or 0))
         return out
 
     def caught_up(self) -> bool:
@@ -515,7 +628,8 @@ class KafkaConsumer:
             return False
         for tp in self.owned:
             end = self._end(tp)
-            if end is None or self.positions.get(tp, 0) < end:
+            position = self._position(tp)
+            if end is None or position is None or position < end:
                 return False
         return True
 
@@ -540,13 +654,8 @@ class KafkaConsumer:
             data = fetch.result()
         except KafkaError as e:
             raise BrokerError(f"consuming from {self.broker.url} failed: {e}") from e
-        out = []
-        positions = self.positions
-        for tp, recs in data.items():  # records already as Polled tuples (records_fast)
-            if recs:
-                positions[(tp.topic, tp.partition)] = recs[-1][0] + 1
-                out.append((tp.topic, tp.partition, recs))
-        return out
+        # Records come as Polled tuples already (records_fast).
+        return [(tp.topic, tp.partition, recs) for tp, recs in data.items() if recs]
 
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         owned = {TopicPartition(*tp): off for tp, off in offsets.items() if tp in self.owned}

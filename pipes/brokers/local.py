@@ -33,6 +33,8 @@ def _log_prefix(topic: str, partition: int) -> bytes:
 
 
 class LocalBroker:
+    scoped = False  # one write batch makes a whole checkpoint atomic: no transactions to scope
+
     def __init__(self, path: str | None, settings: Settings, *, read_only: bool = False, url: str = "local://"):
         self.url = url
         self.settings = settings
@@ -80,6 +82,9 @@ class LocalBroker:
 
     async def restore(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
         """Nothing to restore: keyed state and offsets already live in this database."""
+
+    async def release(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
+        """Nothing to release: one process owns every partition."""
 
     def _create(self, name: str, partitions: int, retention_ms: int | None) -> None:
         old = self._topics.get(name)

@@ -45,8 +45,12 @@ class PartitionRecords(fetcher.PartitionRecords):
         return self._records_iterator if self._records_iterator is not None else iter(())
 
     def _unpack_records(self) -> Any:
-        if self._value_deserializer is not AS_TUPLES or self._isolation_level != fetcher.READ_UNCOMMITTED:
+        if self._value_deserializer is not AS_TUPLES:
             yield from super()._unpack_records()
+            return
+        if self._isolation_level != fetcher.READ_UNCOMMITTED:  # exactly-once: aiokafka drops aborted records
+            for m in super()._unpack_records():
+                yield m.offset, m.key, m.value or b"", m.headers or None, m.timestamp
             return
         records = self._records
         while records.has_next():
@@ -80,3 +84,14 @@ def fill(batch: Any, outputs: list, start: int) -> int:
     batch._relative_offset = n
     batch.close()
     return n
+
+
+def position(consumer: Any, tp: Any) -> int | None:
+    """A consumer's position in an assigned partition, or None while it has none (during a
+    rebalance, before its committed offset is known). Past what records it handed out, it
+    also moves past transaction markers, which no record reports."""
+    subscription = consumer._subscription.subscription
+    if subscription is None or subscription.assignment is None:
+        return None
+    state = subscription.assignment.state_value(tp)
+    return state.position if state is not None and state.has_valid_position else None

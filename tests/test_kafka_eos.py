@@ -1,0 +1,206 @@
+"""guarantee="exactly_once" on kafka://: a transaction per input partition (pipes/brokers/kafka.py).
+
+Tansu, the test broker, has no transactions. What runs on it: the checkpoint's division of
+a run's outputs, changelog records, source checkpoints, dead letters and offsets into
+per-input-partition transactions, with each transaction's begin/commit stood in for (the
+records really go to Tansu, the offsets are really committed). What needs a broker with
+transactions runs when ``PIPES_TEST_KAFKA_TXN_BROKER=kafka://host:port`` names one and is
+skipped otherwise: aiokafka's transaction features that pipes relies on, a run to the end,
+and (tests/test_kafka_faults.py) the EOS-style fault test with no duplicate allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+
+import msgpack
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
+from tansu import unique
+from test_kafka import expected_totals, local_state, read_topic, run_worker, shop
+
+import pipes
+from pipes.brokers.kafka import KafkaBroker, changelog_topic
+from pipes.errors import ConfigError
+
+TXN_BROKER = os.environ.get("PIPES_TEST_KAFKA_TXN_BROKER")
+needs_transactions = pytest.mark.skipif(
+    not TXN_BROKER, reason="needs a broker with transactions: set PIPES_TEST_KAFKA_TXN_BROKER=kafka://host:port "
+                           "(Tansu, the test broker, has none)")
+P = 3
+
+
+def tagged(name: str, n: int) -> pipes.App:
+    """A source into 3 partitions; a transform that names the partition it read each value
+    from (and fails on every 50th: the DLQ); a keyed count behind a re-key."""
+    app = pipes.App(name)
+    app.topic(f"{name}.in", partitions=P, keyed=True)
+
+    @app.source(to=f"{name}.in")
+    def numbers(state):
+        i = state.get("i", 0)
+        if i == n:
+            return None
+        state["i"] = i + 1
+        return pipes.Message({"i": i}, key=f"k{i % 20}")
+
+    @app.transform(f"{name}.in", to=f"{name}.out")
+    def tag(msg: pipes.Message):
+        if msg.value["i"] % 50 == 49:
+            raise ValueError("every 50th")
+        return {"i": msg.value["i"], "p": msg.partition}
+
+    @app.transform(f"{name}.out", to=f"{name}.counts", key=lambda v: f"u{v['i'] % 7}")
+    def count(v, state):
+        state["n"] = state.get("n", 0) + 1
+        return state["n"]
+
+    return app
+
+
+class _Stand:
+    """Stands in for an input partition's transactional producer."""
+
+    def __init__(self, tp: tuple[str, int]):
+        self.tp = tp
+
+    async def stop(self) -> None:
+        pass
+
+
+def test_each_input_partition_commits_what_its_records_caused(kafka_url, tmp_path, monkeypatch):
+    transactions: list[tuple[tuple[str, int], dict, dict]] = []
+
+    async def no_probe(self):
+        pass
+
+    async def stand_in(self, group, tp):
+        self._txn.setdefault(tp, _Stand(tp))
+
+    async def recorded(self, producer, group, records, offsets):
+        transactions.append((producer.tp, records, offsets))
+        ends = await self._produce(records)
+        if offsets:
+            await self._consumers[group].c.commit(offsets)
+        return ends
+
+    monkeypatch.setattr(KafkaBroker, "_check_transactions", no_probe)
+    monkeypatch.setattr(KafkaBroker, "_transactional", stand_in)
+    monkeypatch.setattr(KafkaBroker, "_transaction", recorded)
+    name, n = unique("eos"), 600
+    report = run_worker(tagged(name, n), kafka_url, tmp_path, guarantee="exactly_once", commit_every=97)
+
+    lease, rekey = f"{name}.main.sources", f"{name}.count.rekey"
+    seen_outputs = Counter()
+    for (topic, p), records, offsets in transactions:
+        assert set(offsets) <= {TopicPartition(topic, p)}, (topic, p, offsets)
+        for (out_topic, out_p), recs in records.items():
+            if out_topic == f"{name}.in":  # the source's outputs and checkpoint: the lease's transaction
+                assert (topic, p) == (lease, 0)
+            elif out_topic == lease:
+                assert (topic, p, out_p) == (lease, 0, 0)
+            elif out_topic == f"{name}.out":  # from partition p of .in, and only from it
+                assert topic == f"{name}.in" and {orjson.loads(r[1])["p"] for r in recs} == {p}
+                seen_outputs.update(orjson.loads(r[1])["i"] for r in recs)
+            elif out_topic == f"{name}.in.dlq":
+                assert topic == f"{name}.in"
+                assert {dict(r[2])["pipes.partition"] for r in recs} == {str(p).encode()}
+            elif out_topic == changelog_topic(name, "count"):  # state partition p of the count: rekey[p]
+                assert (topic, p) == (rekey, out_p)
+                for _, _, headers, _ in recs:
+                    assert {(t, q) for t, q, _ in msgpack.unpackb(dict(headers)["pipes.offsets"])} == {(rekey, p)}
+            elif out_topic == rekey:  # the re-key reads .out
+                assert topic == f"{name}.out"
+            else:
+                assert out_topic == f"{name}.counts" and topic == rekey, (out_topic, topic)
+    assert set(seen_outputs) == {i for i in range(n) if i % 50 != 49} and set(seen_outputs.values()) == {1}
+    assert report.produced == n and len(transactions) > 3
+    totals = asyncio.run(read_topic(kafka_url, f"{name}.counts"))
+    assert len(totals) == n - n // 50
+
+
+def test_what_no_single_partition_transaction_covers_is_refused_at_start(kafka_url, tmp_path):
+    app = pipes.App(unique("eosjoin"))
+    app.topic("customers", keyed=True)
+    customers = app.table("customers")
+
+    @app.join("orders", customers, to="enriched", key="customer")
+    def enrich(order, customer):
+        return {**order, "customer": customer}
+
+    with pytest.raises(ConfigError, match="several input topics.*at_least_once"):
+        run_worker(app, kafka_url, tmp_path, guarantee="exactly_once")
+
+
+# -- with a broker that has transactions ------------------------------------------------------
+@needs_transactions
+def test_a_run_to_the_end_is_exactly_once(tmp_path):
+    name = unique("shop")
+    report = run_worker(shop(name), TXN_BROKER, tmp_path / "w1", guarantee="exactly_once")
+    assert report.produced == 1000
+    totals = asyncio.run(read_topic(TXN_BROKER + "?isolation_level=read_committed", f"{name}.totals"))
+    assert len(totals) == 933
+    expected = {k: {"sum": v} for k, v in expected_totals().items()}
+    assert local_state(tmp_path / "w1", "total", 1) == expected
+    again = run_worker(shop(name), TXN_BROKER, tmp_path / "w2", guarantee="exactly_once")
+    assert (again.processed, again.produced) == (0, 0)
+    assert local_state(tmp_path / "w2", "total", 1) == expected
+
+
+def bootstrap() -> str:
+    return TXN_BROKER.removeprefix("kafka://")
+
+
+async def _consume(topic: str, count: int, isolation_level: str, settle: float = 1.0) -> list[bytes]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap(), auto_offset_reset="earliest",
+                                isolation_level=isolation_level)
+    values: list[bytes] = []
+    await consumer.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(values) < count and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                values += [r.value for r in records]
+        for records in (await consumer.getmany(timeout_ms=int(settle * 1000))).values():
+            values += [r.value for r in records]  # what must not be there
+    finally:
+        await consumer.stop()
+    return values
+
+
+@needs_transactions
+def test_the_broker_has_what_exactly_once_relies_on(tmp_path):
+    # Offsets sent in a transaction, read_committed, and fencing by transactional id.
+    source, sink, group = unique("in"), unique("out"), unique("g")
+    tid = unique("txn")
+
+    async def scenario():
+        a = AIOKafkaProducer(bootstrap_servers=bootstrap(), transactional_id=tid)
+        await a.start()
+        async with a.transaction():
+            await a.send_and_wait(sink, b"c1", partition=0)
+            await a.send_offsets_to_transaction({TopicPartition(source, 0): 5}, group)
+        await a.begin_transaction()
+        await a.send_and_wait(sink, b"zombie", partition=0)
+        b = AIOKafkaProducer(bootstrap_servers=bootstrap(), transactional_id=tid)
+        await b.start()  # fences a, aborting its open transaction
+        with pytest.raises((ProducerFenced, InvalidProducerEpoch)):
+            await a.commit_transaction()
+        async with b.transaction():
+            await b.send_and_wait(sink, b"c2", partition=0)
+        await a.stop()
+        await b.stop()
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap(), group_id=group, enable_auto_commit=False)
+        await c.start()
+        try:
+            committed = await c.committed(TopicPartition(source, 0))
+        finally:
+            await c.stop()
+        return await _consume(sink, 2, "read_committed"), committed
+
+    values, committed = asyncio.run(scenario())
+    assert values == [b"c1", b"c2"] and committed == 5
