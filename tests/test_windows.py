@@ -311,7 +311,7 @@ def test_sigkill_and_restart_give_the_recomputed_windows(tmp_path):
 
     from helpers import read_topic
 
-    n = 200_000
+    n = 400_000
     app_file = tmp_path / "wincrash.py"
     app_file.write_text(CRASH_APP.format(n=n))
     data = tmp_path / "data"
@@ -320,7 +320,7 @@ def test_sigkill_and_restart_give_the_recomputed_windows(tmp_path):
     with open(tmp_path / "worker.log", "wb") as log:
         for _ in range(3):
             proc = _worker(app_file, data, log)
-            time.sleep(rnd.uniform(0.8, 2.0))
+            time.sleep(rnd.uniform(0.6, 1.6))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
