@@ -29,8 +29,11 @@ tools:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 		echo "note: chromium is not installed; the live page test will be skipped"
 
+# Two pytest workers (each with its own Tansu broker), a file per worker at a time; then,
+# alone, the tests that measure speed.
 test: $(STAMP) tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 # The peers pipes is measured against, in a venv of their own made from .venv's Python, so
 # they never change the versions of what pipes depends on. Bytewax has no CPython 3.13 wheel:

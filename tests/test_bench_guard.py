@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from bench import kafka
 from bench.baselines import naive as rocksdict_loop
 from bench.child import run_async
@@ -18,6 +20,8 @@ from bench.local import run_pipes as run_local
 from bench.loops import run_loop
 from bench.run import settings_from
 from bench.workloads import WORKLOADS
+
+pytestmark = pytest.mark.serial
 
 N_KAFKA = 50_000
 N_LOCAL = 50_000

@@ -158,6 +158,7 @@ def wait_listening(port: int, proc: subprocess.Popen, workers: Workers, seconds:
             time.sleep(0.05)
 
 
+@pytest.mark.serial
 def test_http_ingest_under_load_loses_no_accepted_request(tmp_path):
     port = free_port()
     logs = tmp_path / "logs"
