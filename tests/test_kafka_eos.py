@@ -3,7 +3,8 @@
 Tansu, the test broker, has no transactions. What runs on it: the checkpoint's division of
 a run's outputs, changelog records, source checkpoints, dead letters and offsets into
 per-input-partition transactions, with each transaction's begin/commit stood in for (the
-records really go to Tansu, the offsets are really committed). What needs a broker with
+records really go to Tansu, the offsets are really committed). One transaction's sequence
+of calls, and its abort on failure, against a stand-in producer. What needs a broker with
 transactions runs when ``PIPES_TEST_KAFKA_TXN_BROKER=kafka://host:port`` names one and is
 skipped otherwise: aiokafka's transaction features that pipes relies on, a run to the end,
 and (tests/test_kafka_faults.py) the EOS-style fault test with no duplicate allowed.
@@ -204,3 +205,92 @@ def test_the_broker_has_what_exactly_once_relies_on(tmp_path):
 
     values, committed = asyncio.run(scenario())
     assert values == [b"c1", b"c2"] and committed == 5
+
+
+# -- one transaction, against a stand-in producer (a coordinator cannot run here) --------------
+class _TxnManager:
+    def __init__(self, producer: "_TxnProducer"):
+        self.producer = producer
+        self.transactional_id = "g.t.0"
+
+    def is_in_transaction(self) -> bool:
+        return self.producer.open
+
+
+class _TxnProducer:
+    """Records the calls a transaction makes; `fail` names the call that raises."""
+
+    def __init__(self, fail: str | None = None):
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        self._batch = lambda: BatchBuilder(1 << 20, 0, is_transactional=1)
+        self._txn_manager = _TxnManager(self)
+        self.fail = fail
+        self.open = False
+        self.calls: list = []
+
+    def _call(self, name: str, *args) -> None:
+        self.calls.append((name, *args))
+        if name == self.fail:
+            from aiokafka.errors import KafkaError
+
+            raise KafkaError(f"{name} failed")
+
+    def create_batch(self):
+        return self._batch()
+
+    async def begin_transaction(self):
+        self._call("begin")
+        self.open = True
+
+    async def send_batch(self, batch, topic, *, partition):
+        self._call("send", topic, partition, batch.record_count())
+        from aiokafka.structs import RecordMetadata
+
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(RecordMetadata(topic, partition, None, 100, -1, None, 0))
+        return future
+
+    async def send_offsets_to_transaction(self, offsets, group):
+        self._call("offsets", {(tp.topic, tp.partition): o for tp, o in offsets.items()}, group)
+
+    async def commit_transaction(self):
+        self._call("commit")
+        self.open = False
+
+    async def abort_transaction(self):
+        self._call("abort")
+        self.open = False
+
+
+def _transaction(producer: _TxnProducer):
+    from pipes.errors import BrokerError
+
+    broker = KafkaBroker("g", pipes.Settings(broker="kafka://127.0.0.1:1", guarantee="exactly_once"))
+    records = {("out", 1): [(None, b"a", None, 0), (b"k", b"b", (("h", b"1"),), 5)],
+               ("g.x.changelog", 0): [(b"k", b"s", None, 0)]}
+
+    async def go():
+        try:
+            return await broker._transaction(producer, "g", records, {TopicPartition("t", 0): 42})
+        except BrokerError as e:
+            return e
+
+    return asyncio.run(go())
+
+
+def test_a_transaction_sends_its_records_then_its_offsets_then_commits():
+    producer = _TxnProducer()
+    ends = _transaction(producer)
+    assert producer.calls == [("begin",), ("send", "out", 1, 2), ("send", "g.x.changelog", 0, 1),
+                              ("offsets", {("t", 0): 42}, "g"), ("commit",)]
+    assert ends == {("out", 1): 102, ("g.x.changelog", 0): 101}
+
+
+@pytest.mark.parametrize("fail", ["send", "offsets", "commit"])
+def test_a_failing_transaction_is_aborted_and_reported(fail):
+    producer = _TxnProducer(fail=fail)
+    error = _transaction(producer)
+    assert "a transaction of 'g.t.0'" in str(error) and f"{fail} failed" in str(error)
+    assert producer.calls[-1] == ("abort",)  # nothing of it becomes visible
+    assert [c[0] for c in producer.calls].count("commit") == (fail == "commit")
