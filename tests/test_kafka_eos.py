@@ -80,10 +80,11 @@ def test_each_input_partition_commits_what_its_records_caused(kafka_url, tmp_pat
         pass
 
     async def stand_in(self, group, tp):
-        self._txn.setdefault(tp, _Stand(tp))
+        self._txn[tp] = _Stand(tp)
 
-    async def recorded(self, producer, group, records, offsets):
-        transactions.append((producer.tp, records, offsets))
+    async def recorded(self, tp, group, records, offsets):
+        assert self._txn[tp].tp == tp
+        transactions.append((tp, records, offsets))
         ends = await self._produce(records)
         if offsets:
             await self._consumers[group].c.commit(offsets)
@@ -254,6 +255,9 @@ class _TxnProducer:
     async def send_offsets_to_transaction(self, offsets, group):
         self._call("offsets", {(tp.topic, tp.partition): o for tp, o in offsets.items()}, group)
 
+    async def stop(self):
+        self.calls.append(("stop",))
+
     async def commit_transaction(self):
         self._call("commit")
         self.open = False
@@ -270,27 +274,31 @@ def _transaction(producer: _TxnProducer):
     records = {("out", 1): [(None, b"a", None, 0), (b"k", b"b", (("h", b"1"),), 5)],
                ("g.x.changelog", 0): [(b"k", b"s", None, 0)]}
 
+    broker._txn[("t", 0)] = producer
+
     async def go():
         try:
-            return await broker._transaction(producer, "g", records, {TopicPartition("t", 0): 42})
+            return await broker._transaction(("t", 0), "g", records, {TopicPartition("t", 0): 42})
         except BrokerError as e:
             return e
 
-    return asyncio.run(go())
+    return asyncio.run(go()), broker
 
 
 def test_a_transaction_sends_its_records_then_its_offsets_then_commits():
     producer = _TxnProducer()
-    ends = _transaction(producer)
+    ends, broker = _transaction(producer)
+    assert broker._txn == {("t", 0): producer}
     assert producer.calls == [("begin",), ("send", "out", 1, 2), ("send", "g.x.changelog", 0, 1),
                               ("offsets", {("t", 0): 42}, "g"), ("commit",)]
     assert ends == {("out", 1): 102, ("g.x.changelog", 0): 101}
 
 
 @pytest.mark.parametrize("fail", ["send", "offsets", "commit"])
-def test_a_failing_transaction_is_aborted_and_reported(fail):
+def test_a_failing_transaction_is_aborted_reported_and_its_producer_dropped(fail):
     producer = _TxnProducer(fail=fail)
-    error = _transaction(producer)
+    error, broker = _transaction(producer)
     assert "a transaction of 'g.t.0'" in str(error) and f"{fail} failed" in str(error)
-    assert producer.calls[-1] == ("abort",)  # nothing of it becomes visible
+    assert producer.calls[-2:] == [("abort",), ("stop",)]  # nothing of it becomes visible
     assert [c[0] for c in producer.calls].count("commit") == (fail == "commit")
+    assert broker._txn == {}  # perhaps fenced: the next assignment of t[0] starts a new producer

@@ -269,8 +269,11 @@ class KafkaBroker:
             await consumer.seek_processed(tps, self.store.offsets(topology.group))
 
     async def _transactional(self, group: str, tp: tuple[str, int]) -> None:
-        if tp in self._txn:
-            return
+        """A new transactional producer for a gained partition, also when this worker had one
+        (another worker may have owned the partition since, and fenced it)."""
+        old = self._txn.pop(tp, None)
+        if old is not None:
+            await old.stop()
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                     transactional_id=f"{group}.{tp[0]}.{tp[1]}", **client_options(
                                         self.options, "producer", {"linger_ms": 1, "max_batch_size": 1 << 20,
@@ -422,13 +425,16 @@ class KafkaBroker:
         for tp, offset in offsets.items():
             scope(tp)[1][TopicPartition(*tp)] = offset
         ends: dict[tuple[str, int], int] = {}
-        for part in await asyncio.gather(*(self._transaction(self._txn[tp], group, records, offsets)
+        for part in await asyncio.gather(*(self._transaction(tp, group, records, offsets)
                                            for tp, (records, offsets) in work.items())):
             ends.update(part)
         return {tp: end for tp, end in ends.items() if tp in logs}
 
-    async def _transaction(self, producer: AIOKafkaProducer, group: str, records: dict, offsets: dict
+    async def _transaction(self, tp: tuple[str, int], group: str, records: dict, offsets: dict
                            ) -> dict[tuple[str, int], int]:
+        """Input partition `tp`'s transaction. If it fails, its producer is dropped (it may have
+        been fenced): the restarted topology starts a new one when it is assigned `tp` again."""
+        producer = self._txn[tp]
         try:
             await producer.begin_transaction()
             try:
@@ -441,6 +447,11 @@ class KafkaBroker:
                     await producer.abort_transaction()
                 raise
         except KafkaError as e:
+            self._txn.pop(tp, None)
+            try:
+                await producer.stop()
+            except KafkaError:
+                pass
             raise BrokerError(f"a transaction of {producer._txn_manager.transactional_id!r} on {self.url} "
                               f"failed: {type(e).__name__}: {e}") from e
         return ends
