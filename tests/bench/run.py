@@ -201,8 +201,8 @@ def profile(workload: str, broker: str, args: argparse.Namespace, root: str) -> 
     print(f"profile of pipes {workload} on {broker}://, N={n:,}: {n / seconds:,.0f} msg/s under cProfile "
           f"({result['commits']} checkpoints, output verified)\n")
     pstats.Stats(profiler, stream=sys.stdout).strip_dirs().sort_stats(args.sort).print_stats(args.top)
-    print("cProfile does not see calls into C or Cython code as functions of their own (orjson, rocksdict,\n"
-          "aiokafka's record batches): their time counts in the caller's tottime.")
+    print("cProfile does not see calls inside Cython code (aiokafka's record batches) as functions of their\n"
+          "own: their time counts in the caller's tottime.")
     return 0
 
 
