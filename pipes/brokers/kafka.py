@@ -65,6 +65,14 @@ _CONSUMER_ONLY = {"session_timeout_ms", "heartbeat_interval_ms", "max_poll_inter
 _PRODUCER_ONLY = {"linger_ms", "max_batch_size", "max_request_size", "compression_type"}
 
 
+# pipes' consumers (the group's and the changelog restore's): 2 MiB per partition, large
+# batches, yet every assigned partition gets its turn; a 5 ms fetch wait, because a broker
+# that holds a fetch for its whole wait even when records arrive (Tansu does; Kafka answers
+# at once) otherwise delays every stage, and every restore of an empty changelog, by it
+# (aiokafka's default is 500 ms).
+FETCH_DEFAULTS = {"fetch_max_bytes": 64 << 20, "max_partition_fetch_bytes": 2 << 20, "fetch_max_wait_ms": 5}
+
+
 def client_options(options: dict[str, Any], kind: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """The URL options one kind of client ("producer", "consumer", "admin") accepts, over `defaults`."""
     drop = {"producer": _CONSUMER_ONLY, "consumer": _PRODUCER_ONLY, "admin": _CONSUMER_ONLY | _PRODUCER_ONLY}[kind]
@@ -296,7 +304,7 @@ class KafkaBroker:
         """Apply changelog records from each log's recorded position to its end."""
         c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", isolation_level=self._isolation,
-                             **client_options(self.options, "consumer"))
+                             **client_options(self.options, "consumer", FETCH_DEFAULTS))
         await c.start()
         try:
             todo: dict[TopicPartition, tuple[str, bytes]] = {}
@@ -313,7 +321,8 @@ class KafkaBroker:
             restored = 0
             pending = set(todo)
             while pending:
-                batch = await c.getmany(*pending, timeout_ms=200, max_records=50_000)
+                # Short: an empty changelog answers no records; its high watermark says it is done.
+                batch = await c.getmany(*pending, timeout_ms=20, max_records=50_000)
                 wb = self.store.batch()
                 for tp, msgs in batch.items():
                     cf, prefix = todo[tp]
@@ -567,15 +576,10 @@ class KafkaConsumer:
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
         self._fetch: asyncio.Task | None = None
-        # 2 MiB per partition: large batches, yet every assigned partition gets its turn. A
-        # 5 ms fetch wait: a broker that holds a fetch for its whole wait even when records
-        # arrive (Tansu does; Kafka answers at once) otherwise delays every stage by it.
         self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
                                   value_deserializer=records_fast.AS_TUPLES, isolation_level=broker._isolation,
-                                  **client_options(broker.options, "consumer", {
-                                      "fetch_max_bytes": 64 << 20, "max_partition_fetch_bytes": 2 << 20,
-                                      "fetch_max_wait_ms": 5}))
+                                  **client_options(broker.options, "consumer", FETCH_DEFAULTS))
 
     async def start(self) -> None:
         try:
