@@ -384,6 +384,7 @@ app.window(f"{NAME}.input", to=f"{NAME}.output", window=w.tumbling(1), agg=w.sum
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # once, beside the parallel suite, a wrong window: not yet understood (see the session notes)
 @pytest.mark.timeout(180)
 def test_worker_failover_on_kafka_gives_the_recomputed_windows(kafka_url, tmp_path):
     """Two workers share the input; one is SIGKILLed mid-stream and a fresh one (empty data

@@ -145,11 +145,10 @@ class NATS:
         self._keeper = asyncio.create_task(self._keep_in_progress(), name=f"NATS in-progress {self.durable}")
 
     async def read(self) -> Message | None:
-        nats = _nats()
         while not self._buffer:
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=self.timeout)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, or the plain one nats-py raises past its deadline
                 msgs = []
             # A message the restored checkpoint covered and acknowledged, delivered again
             # because the server had redelivered it before the ack: skip it.
