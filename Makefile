@@ -30,7 +30,7 @@ tools:
 		echo "note: chromium is not installed; the live page test will be skipped"
 
 # Two pytest workers (each with its own Tansu broker), a file per worker at a time; then,
-# alone, the tests that measure speed.
+# alone, the tests marked serial (they measure speed, or are sensitive to load).
 test: $(STAMP) tools
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
 	$(PY) -m pytest -q -m serial
