@@ -31,7 +31,8 @@ class StateTable:
 
     def get(self, partition: int, key: bytes | None) -> dict:
         """A key's state, to read and change: written back at the next checkpoint."""
-        k = self._key(partition, key)
+        prefix = self._prefixes.get(partition)  # per message: the prefix inline, _key() only the first time
+        k = (prefix + (key or b"")) if prefix is not None else self._key(partition, key)
         state = self._dirty.get(k)
         if state is None:
             state = self._dirty[k] = self._load(k)

@@ -157,23 +157,6 @@ def bootstrap() -> str:
     return TXN_BROKER.removeprefix("kafka://")
 
 
-async def _consume(topic: str, count: int, isolation_level: str, settle: float = 1.0) -> list[bytes]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap(), auto_offset_reset="earliest",
-                                isolation_level=isolation_level)
-    values: list[bytes] = []
-    await consumer.start()
-    try:
-        deadline = asyncio.get_running_loop().time() + 30
-        while len(values) < count and asyncio.get_running_loop().time() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                values += [r.value for r in records]
-        for records in (await consumer.getmany(timeout_ms=int(settle * 1000))).values():
-            values += [r.value for r in records]  # what must not be there
-    finally:
-        await consumer.stop()
-    return values
-
-
 @needs_transactions
 def test_the_broker_has_what_exactly_once_relies_on(tmp_path):
     # Offsets sent in a transaction, read_committed, and fencing by transactional id.
@@ -202,10 +185,10 @@ def test_the_broker_has_what_exactly_once_relies_on(tmp_path):
             committed = await c.committed(TopicPartition(source, 0))
         finally:
             await c.stop()
-        return await _consume(sink, 2, "read_committed"), committed
+        return await read_topic(TXN_BROKER + "?isolation_level=read_committed", sink), committed
 
-    values, committed = asyncio.run(scenario())
-    assert values == [b"c1", b"c2"] and committed == 5
+    records, committed = asyncio.run(scenario())
+    assert [r.value for r in records] == [b"c1", b"c2"] and committed == 5
 
 
 # -- one transaction, against a stand-in producer (a coordinator cannot run here) --------------

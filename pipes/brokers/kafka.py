@@ -71,6 +71,8 @@ _PRODUCER_ONLY = {"linger_ms", "max_batch_size", "max_request_size", "compressio
 # at once) otherwise delays every stage, and every restore of an empty changelog, by it
 # (aiokafka's default is 500 ms).
 FETCH_DEFAULTS = {"fetch_max_bytes": 64 << 20, "max_partition_fetch_bytes": 2 << 20, "fetch_max_wait_ms": 5}
+# pipes' producers (the worker's and the transactional ones): whole checkpoints in few requests.
+PRODUCE_DEFAULTS = {"linger_ms": 1, "max_batch_size": 1 << 20, "max_request_size": 16 << 20}
 
 
 def client_options(options: dict[str, Any], kind: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -156,7 +158,7 @@ class KafkaBroker:
             await self._check_transactions()
         try:
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", **client_options(
-                self.options, "producer", {"linger_ms": 1, "max_batch_size": 1 << 20, "max_request_size": 16 << 20}))
+                self.options, "producer", PRODUCE_DEFAULTS))
             await self.producer.start()
         except KafkaError as e:
             await self.producer.stop()
@@ -283,9 +285,8 @@ class KafkaBroker:
         if old is not None:
             await old.stop()
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                                    transactional_id=f"{group}.{tp[0]}.{tp[1]}", **client_options(
-                                        self.options, "producer", {"linger_ms": 1, "max_batch_size": 1 << 20,
-                                                                   "max_request_size": 16 << 20}))
+                                    transactional_id=f"{group}.{tp[0]}.{tp[1]}",
+                                    **client_options(self.options, "producer", PRODUCE_DEFAULTS))
         try:
             await producer.start()  # InitProducerId: fences the id's previous producer
         except KafkaError as e:
