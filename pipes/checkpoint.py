@@ -13,6 +13,13 @@ advance. :meth:`Checkpoint.commit` then, in this order:
 
 If anything fails before step 3 completes, nothing of this checkpoint is durable and a
 restart resumes from the previous one.
+
+Steps 1 and 2 happen when the checkpoint is taken; step 3, the broker's part (on Kafka
+mostly waiting for acks), may stay *in flight* while the runner processes the next batch
+(``commit(wait=False)``): the next checkpoint is taken only after it has landed, so
+checkpoints land one at a time and in order, and a failure surfaces at the runner's next
+step. What is announced as durable (sources, sinks, tables, ``on_commit``) is announced
+when it has landed.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Checkpoint:
         self.scope: tuple[str, int] | None = None
         self.scopes: dict[tuple[str, int] | None, dict[str, list]] = {None: {}}
         self.outputs = self.scopes[None]
+        self._flight: asyncio.Task | None = None  # the last checkpoint taken, until it has landed
         self._reset()
 
     def _reset(self) -> None:
@@ -82,14 +90,20 @@ class Checkpoint:
         return buf
 
     @property
-    def pending(self) -> bool:
+    def collected(self) -> bool:
+        """Anything done since the last checkpoint was taken."""
         return bool(self.count or self.offsets
                     or any(buf for outputs in self.scopes.values() for buf in outputs.values()))
+
+    @property
+    def pending(self) -> bool:
+        """Anything not yet durable: done since the last checkpoint, or a checkpoint in flight."""
+        return self._flight is not None or self.collected
 
     def due(self, *, backlog: bool) -> bool:
         """Commit now? Yes once there is something to commit and the input is drained
         (so a lone message is not held), or enough messages or time have gone by."""
-        if not self.pending:
+        if not self.collected:
             return False
         return (not backlog or self.count >= self.commit_every
                 or time.monotonic() - self.started >= self.commit_interval)
@@ -100,7 +114,10 @@ class Checkpoint:
             self.wake()
             await self._committed.wait()
 
-    async def commit(self) -> None:
+    async def commit(self, *, wait: bool = True) -> None:
+        """Take a checkpoint of everything since the last one, once that one has landed; with
+        `wait`, return when this one has landed too, else while the broker still works on it."""
+        await self.landed()
         for sink in self.sinks:
             await sink.flush(self)
         changes = Changes(offsets=self.offsets)
@@ -116,6 +133,44 @@ class Checkpoint:
             source.snapshot(changes.sources)
         count = self.count
         self._reset()
+        self._flight = asyncio.ensure_future(self._land(changes, count))
+        self._flight.add_done_callback(lambda _: self.wake())  # a runner waiting for input looks up
+        if wait:
+            await self.landed()
+
+    async def landed(self) -> None:
+        """Wait for the checkpoint in flight, if any; raise its error if it failed."""
+        flight = self._flight
+        if flight is not None:
+            try:
+                await flight
+            finally:
+                if self._flight is flight:
+                    self._flight = None
+
+    def check(self) -> None:
+        """Clear a checkpoint that has landed meanwhile; raise its error if it failed."""
+        flight = self._flight
+        if flight is not None and flight.done():
+            self._flight = None
+            flight.result()
+
+    async def land_quietly(self) -> None:
+        """The runner failed: a checkpoint in flight, taken before the failure, may still land;
+        if it cannot, a restart resumes from the last one that did."""
+        try:
+            await self.landed()
+        except Exception:
+            pass
+
+    def abandon(self) -> None:
+        """The runner is cancelled: a checkpoint still in flight is given up (a restart
+        resumes from the last one that landed)."""
+        if self._flight is not None:
+            self._flight.cancel()
+            self._flight = None
+
+    async def _land(self, changes: Changes, count: int) -> None:
         if changes:
             await self.broker.commit(self.group, changes)
         self.commits += 1

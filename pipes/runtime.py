@@ -167,7 +167,11 @@ class TopologyRunner:
                 await self._stop_sources()
                 await self.ckpt.commit()
                 await self._close_sources()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                self.ckpt.abandon()
+            else:  # a checkpoint taken before the failure still lands (on_error="stop": all before it)
+                await self.ckpt.land_quietly()
             await self._stop_sources()
             await self._close_sources()
             raise
@@ -183,17 +187,20 @@ class TopologyRunner:
         max_records = self.settings.poll_records
         by_topic = self.by_topic
         while not self.stopping:
-            timeout = 0.0 if ckpt.pending else min(self.settings.commit_interval, self.tick_interval)
+            # A checkpoint in flight wakes the poll when it lands.
+            timeout = 0.0 if ckpt.collected else min(self.settings.commit_interval, self.tick_interval)
             polled = await consumer.poll(max_records, timeout)
             self._check_sources()
             async with self._lock:
+                ckpt.check()
                 n = await self._process(polled, by_topic, ckpt) if polled else 0
                 if self.ticking:
                     await self._tick(ckpt)
                 ckpt.count += n
                 self.processed += n
                 if ckpt.due(backlog=n >= max_records):
-                    await ckpt.commit()
+                    # The broker makes it durable while the next batch is processed.
+                    await ckpt.commit(wait=False)
 
     async def _tick(self, ckpt: Checkpoint) -> None:
         now = time.time()

@@ -871,3 +871,82 @@ def test_until_done_waits_for_a_checkpoint_still_on_its_way_to_the_broker():
     broker = SlowAcks(None, settings, url="memory://")
     report = asyncio.run(pipes.runtime.run(graph, settings, until_done=True, broker=broker))
     assert report.processed == 200  # a and b, each to its end
+
+
+class Recording:
+    """A memory:// broker whose checkpoints take 50 ms to land, recording what overlaps them;
+    its consumers' polls yield to the event loop, as a network client's do."""
+
+    def __init__(self, fail_at: int | None = None):
+        from pipes.brokers.local import LocalBroker
+
+        recording = self
+
+        class Broker(LocalBroker):
+            async def commit(self, group, changes):
+                recording.landing += 1
+                recording.most = max(recording.most, recording.landing)
+                recording.commits += 1
+                try:
+                    await asyncio.sleep(0.05)
+                    if recording.commits == fail_at:
+                        raise pipes.errors.BrokerError("the broker went away")
+                    await super().commit(group, changes)
+                    recording.landed += [v for outs in changes.outputs.values() for _, v, _, _ in outs]
+                finally:
+                    recording.landing -= 1
+
+            def consumer(self, group, topics, listener=None):
+                consumer = super().consumer(group, topics, listener)
+                poll = consumer.poll
+
+                async def waiting_poll(max_records, timeout):
+                    await asyncio.sleep(0.001)
+                    return await poll(max_records, timeout)
+
+                consumer.poll = waiting_poll
+                return consumer
+
+        self.Broker = Broker
+        self.landing = self.most = self.commits = 0
+        self.landed: list[bytes] = []
+        self.overlapped = 0  # batches processed while a checkpoint was landing
+
+
+def overlapping_app(recording):
+    app = pipes.App("overlap", commit_every=100, poll_records=100)
+
+    @app.source(to="numbers")
+    def numbers():
+        yield from range(2000)
+
+    @app.transform("numbers", to="out")
+    def double(v):
+        recording.overlapped += recording.landing > 0
+        return v * 2
+
+    return app
+
+
+def test_the_next_batch_is_processed_while_a_checkpoint_lands_and_they_land_one_at_a_time():
+    recording = Recording()
+    app = overlapping_app(recording)
+    settings = app.settings.override(broker="memory://")
+    broker = recording.Broker(None, settings, url="memory://")
+    report = asyncio.run(pipes.runtime.run(app.build(settings), settings, until_done=True, broker=broker))
+    assert report.processed == 2000
+    assert recording.overlapped > 0  # user code ran while the broker worked on a checkpoint
+    assert recording.most == 1  # never two checkpoints at once
+    # The source's numbers and their doubles, each landed once.
+    assert Counter(json.loads(v) for v in recording.landed) == Counter([*range(2000), *range(0, 4000, 2)])
+
+
+def test_a_checkpoint_failing_in_flight_stops_the_runner_and_what_landed_before_stays():
+    recording = Recording(fail_at=4)
+    app = overlapping_app(recording)
+    settings = app.settings.override(broker="memory://")
+    broker = recording.Broker(None, settings, url="memory://")
+    with pytest.raises(pipes.errors.BrokerError, match="went away"):
+        asyncio.run(pipes.runtime.run(app.build(settings), settings, until_done=True, broker=broker))
+    assert recording.commits == 4  # no checkpoint was taken after the failed one
+    assert recording.landed  # the three before it landed
