@@ -34,10 +34,7 @@ from typing import Any, Callable
 try:
     import orjson
 
-    _OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
-
-    def dumps_json(value: Any) -> bytes:
-        return bytes(memoryview(orjson.dumps(value, option=_OPTS)))  # a right-sized copy: see pipes.serializers
+    from ._json import dumps as dumps_json
 
     loads_json: Callable[[bytes], Any] = orjson.loads
 except ImportError:  # an isolated sub-interpreter cannot load orjson

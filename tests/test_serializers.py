@@ -37,6 +37,21 @@ def test_json_is_compact_utf8_and_accepts_non_str_keys():
     assert roundtrip("json", {1: "x"}) == {"1": "x"}
 
 
+def test_json_outputs_are_right_sized_copies():
+    # orjson's own result keeps a 4 KiB buffer; outputs wait for the checkpoint in memory.
+    import tracemalloc
+
+    dumps = resolve("json").dumps
+    tracemalloc.start()
+    try:
+        kept = [dumps({"id": i, "user": f"u{i}", "nested": [{1: i}]}) for i in range(1000)]
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept[7] == b'{"id":7,"user":"u7","nested":[{"1":7}]}'
+    assert size < 1000 * 200
+
+
 def test_json_rejects_what_it_cannot_encode():
     with pytest.raises(TypeError):
         resolve("json").dumps({1, 2})
