@@ -63,6 +63,9 @@ class Transform:
         self.is_async = inspect.iscoroutinefunction(fn)
         self.is_gen = inspect.isgeneratorfunction(fn)
         self.is_agen = inspect.isasyncgenfunction(fn)
+        # One value in, at most one result out, nothing else to look up: the common transform.
+        self.plain = not (self.is_async or self.is_gen or self.is_agen or table is not None
+                          or node.wants_message or self.keyfn is not None)
         if node.internal:  # re-keying: values pass through as they are, only keys change
             self.process = self._rekey
 
@@ -81,15 +84,17 @@ class Transform:
                 self.failures.handle(e, topic, partition, rec, ckpt)
 
     async def process(self, topic: str, partition: int, records: list[tuple], ckpt: Any) -> None:
+        emitter = self.emitter
+        bufs = emitter.buffers(ckpt)
+        fast = len(bufs) == 1 and len(bufs[0][2]) == 1
+        if fast and self.plain:
+            return self._plain(topic, partition, records, ckpt, bufs)
         loads = self.decoder.for_topic(topic)[0]
         wants_message = self.decoder.wants_message
         fn = self.fn
         table = self.table
         is_async, is_gen, is_agen = self.is_async, self.is_gen, self.is_agen
-        emitter = self.emitter
         keyfn = self.keyfn
-        bufs = emitter.buffers(ckpt)
-        fast = len(bufs) == 1 and len(bufs[0][2]) == 1
         if fast:
             vdumps, _, (out,) = bufs[0]
             append = out.append
@@ -123,6 +128,25 @@ class Transform:
                     append((key, vdumps(result), rec[3], rec[4]))
                 else:
                     emitter.encode(result, key, rec[3], rec[4], bufs, ckpt, None, topic)
+            except Exception as e:
+                self.failures.handle(e, topic, partition, rec, ckpt)
+
+    def _plain(self, topic: str, partition: int, records: list[tuple], ckpt: Any, bufs: list) -> None:
+        """process() of a plain transform to one topic: the same steps, nothing else checked."""
+        loads = self.decoder.for_topic(topic)[0]
+        fn = self.fn
+        vdumps, _, (out,) = bufs[0]
+        append = out.append
+        encode = self.emitter.encode
+        for rec in records:
+            try:
+                result = fn(loads(rec[2]))
+                if result is None:
+                    continue
+                if type(result) is Message:
+                    encode(result, rec[1], rec[3], rec[4], bufs, ckpt, None, topic)
+                else:
+                    append((rec[1], vdumps(result), rec[3], rec[4]))
             except Exception as e:
                 self.failures.handle(e, topic, partition, rec, ckpt)
 

@@ -244,3 +244,55 @@ def test_pipes_consumers_read_record_batches_as_tuples_and_others_are_untouched(
                    (2, b"k2", b"", None, ts)]
     assert all(type(m) is ConsumerRecord for m in plain)
     assert [(m.key, m.value, list(m.headers)) for m in plain] == sent
+
+
+def test_polls_smaller_than_a_record_batch_hand_out_each_record_once_in_order(kafka_url, tmp_path):
+    # records_fast reads whole record batches and keeps the rest of one for the next poll;
+    # a seek into the middle of a batch starts at the record sought.
+    from aiokafka import AIOKafkaProducer
+
+    from pipes.brokers import records_fast
+    from pipes.brokers.kafka import KafkaBroker
+
+    topic = unique("batches")
+
+    async def scenario():
+        bootstrap, opts = parse_url(kafka_url)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **opts)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"first", partition=0)  # creates the topic
+            for part in range(2):  # two record batches of 500
+                batch = producer.create_batch()
+                for i in range(500):
+                    batch.append(key=None, value=b"%d" % (1 + part * 500 + i), timestamp=None)
+                batch.close()
+                await (await producer.send_batch(batch, topic, partition=0))
+        finally:
+            await producer.stop()
+        broker = KafkaBroker("batches", pipes.Settings(broker=kafka_url, data_dir=str(tmp_path)))
+        broker._partitions[topic] = 1
+        consumer = broker.consumer(None, [topic])
+        await consumer.start()
+        try:
+            sizes, got = [], []
+            while len(got) < 1001:
+                for _, _, recs in await consumer.poll(7, 0.1):
+                    sizes.append(len(recs))
+                    got += recs
+            position = records_fast.position(consumer.c, TopicPartition(topic, 0))
+            consumer.seek((topic, 0), 250)
+            again = []
+            while len(again) < 751:
+                for _, _, recs in await consumer.poll(300, 0.1):
+                    again += recs
+            return sizes, got, position, again
+        finally:
+            await consumer.close()
+
+    sizes, got, position, again = asyncio.run(scenario())
+    assert max(sizes) == 7
+    assert [r[0] for r in got] == list(range(1001))
+    assert [r[2] for r in got] == [b"first"] + [b"%d" % i for i in range(1, 1001)]
+    assert position == 1001
+    assert [r[0] for r in again] == list(range(250, 1001))
