@@ -389,7 +389,7 @@ class KafkaBroker:
         store.stage_sources(wb, changes.sources)
         for (topic, p), end in ends.items():
             wb.put(_position_key(topic, p), _Q.pack(end), store.handle["meta"])
-        store.write(wb)
+        await store.write_batch(wb)
         # 4. consumer offsets (exactly-once: committed with each transaction)
         consumer = self._consumers.get(group)
         if consumer is not None and changes.offsets and not transactional:
@@ -399,14 +399,16 @@ class KafkaBroker:
         """Changelog records of the touched state (each carrying the processed offsets of the
         node's inputs) and the sources' checkpoints on the lease topic."""
         logs: dict[tuple[str, int], list] = {}
-        headers: dict[tuple[str, int], tuple] = {}
-        for k, v in changes.state.items():
-            node, p, key = _split_state_key(k)
-            tp = (self._changelogs[node], p)
-            if tp not in headers:
+        prefix, cut, append, header = b"\xff", 0, None, None
+        for k, v in changes.state.items():  # a table's keys of one partition share a prefix
+            if not k.startswith(prefix):
+                cut = k.index(b"\0") + 5
+                prefix, node, p = k[:cut], k[:cut - 5].decode(), _P.unpack(k[cut - 4:cut])[0]
+                tp = (self._changelogs[node], p)
                 offsets = [(t, p, changes.offsets[(t, p)]) for t in self._inputs[node] if (t, p) in changes.offsets]
-                headers[tp] = (("pipes.offsets", msgpack.packb(offsets)),) if offsets else None
-            logs.setdefault(tp, []).append((key, v, headers[tp], 0))
+                header = (("pipes.offsets", msgpack.packb(offsets)),) if offsets else None
+                append = logs.setdefault(tp, []).append
+            append((k[cut:], v, header, 0))
         if changes.sources:
             logs[(f"{group}.sources", 0)] = [(node.encode(), v, None, 0) for node, v in changes.sources.items()]
         return logs
@@ -528,11 +530,6 @@ def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
 
 def _position_key(topic: str, p: int) -> bytes:
     return b"changelog\0" + topic.encode() + b"\0" + _P.pack(p)
-
-
-def _split_state_key(k: bytes) -> tuple[str, int, bytes]:
-    i = k.index(b"\0")
-    return k[:i].decode(), _P.unpack(k[i + 1:i + 5])[0], k[i + 5:]
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -46,6 +46,7 @@ class LocalBroker:
         self._start: dict[tuple[str, int], int] = {}
         self._end: dict[tuple[str, int], int] = {}
         self._changed = asyncio.Event()
+        self._committing = asyncio.Lock()  # a log's next offsets are taken and written in turn
         self._last_sweep = time.monotonic()
         self._load_topics()
 
@@ -162,6 +163,10 @@ class LocalBroker:
     async def commit(self, group: str, changes: Changes) -> None:
         if self.read_only:
             raise BrokerError("this broker was opened read-only")
+        async with self._committing:
+            await self._commit(group, changes)
+
+    async def _commit(self, group: str, changes: Changes) -> None:
         store = self.store
         wb = store.batch()
         ends = {}
@@ -182,7 +187,7 @@ class LocalBroker:
             store.stage_state(wb, changes.state)
         if changes.sources:
             store.stage_sources(wb, changes.sources)
-        store.write(wb)
+        await store.write_batch(wb)
         if ends:
             self._end.update(ends)
             changed, self._changed = self._changed, asyncio.Event()
