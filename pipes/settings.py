@@ -12,7 +12,7 @@ class Settings:
     broker: str = "local://"  # local://[DIR], memory://, kafka://host:port,...
     data_dir: str | None = None  # default ./.pipes/<app name>
     commit_interval: float = 1.0  # seconds between checkpoints at most
-    commit_every: int = 10_000  # messages between checkpoints at most
+    commit_every: int = 50_000  # messages between checkpoints at most
     partitions: int = 1  # default partition count of topics the app creates
     on_error: str = "dlq"  # dlq | stop | skip, for nodes that do not set their own
     retention_ms: int | None = None  # default topic log retention on local:// (None: keep all)
