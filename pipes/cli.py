@@ -374,9 +374,11 @@ def cmd_reset(args: argparse.Namespace) -> int:
             print("nothing changed")
             return 1
     if not args.topology and settings.broker.startswith("local"):
-        broker = connect(app.name, settings)  # fails clearly if a worker holds the data dir
-        _run_async(broker.close())
-        shutil.rmtree(path)
+        from .store import Store
+
+        if os.path.isdir(path):
+            Store(path).close()  # fails clearly if a worker holds the data dir (any pipes version's)
+        shutil.rmtree(path, ignore_errors=True)
         print(f"removed {path}")
         return 0
     broker = connect(app.name, settings)

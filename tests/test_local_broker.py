@@ -15,14 +15,15 @@ import sys
 import textwrap
 from collections import defaultdict
 
+import msgpack
 import orjson
 import pytest
 
 import pipes
 import pipes.runtime
-from pipes.brokers import Changes
+from pipes.brokers import Changes, local
 from pipes.brokers.local import LocalBroker
-from pipes.store import state_prefix
+from pipes.store import Store, state_prefix
 
 NOW = 1_700_000_000_000
 
@@ -223,6 +224,103 @@ def test_close_releases_the_data_dir(data_dir):
         return broker
 
     asyncio.run(main())
+
+
+# -- record blocks -------------------------------------------------------------------------
+
+
+def numbered(offsets, ts=NOW):
+    """Records whose value names their offset, with headers on every third."""
+    return [(b"k%d" % o, b"v%d" % o, (("n", b"%d" % o),) if o % 3 == 0 else None, ts + o) for o in offsets]
+
+
+def test_reads_from_any_offset_with_any_limit_return_each_record_once_in_order(data_dir, monkeypatch):
+    monkeypatch.setattr(local, "BLOCK", 4)
+    sizes = [3, 10, 1, 7]  # commits of blocks of 3; 4, 4, 2; 1; 4, 3
+    n = sum(sizes)
+
+    async def check(broker):
+        done = 0
+        for size in sizes:
+            await broker.commit("g", Changes(records={("t", 0): numbered(range(done, done + size))}))
+            done += size
+        expected = [(o, *r) for o, r in enumerate(numbered(range(n)))]
+        for start in range(n + 2):
+            for limit in (1, 3, 5, 100):
+                got, off = [], start
+                while recs := broker.read("t", 0, off, limit):
+                    assert len(recs) <= limit
+                    got += recs
+                    off = recs[-1][0] + 1
+                assert got == expected[start:], (start, limit)
+        return broker.end_offsets("t")
+
+    assert with_broker(data_dir, check) == {0: n}
+
+
+def test_a_commit_larger_than_a_block_is_read_back_whole_after_a_reopen(data_dir):
+    n = 2 * local.BLOCK + 5
+    feed(data_dir, "t", numbered(range(n)))
+
+    async def check(broker):
+        blocks = sum(1 for _ in broker.store.scan("log", b"t\0"))
+        return (blocks, broker.start_offsets("t"), broker.end_offsets("t"),
+                broker.read("t", 0, 0, 1_000_000), broker.read("t", 0, local.BLOCK - 1, 3))
+
+    blocks, starts, ends, records, across = with_broker(data_dir, check)
+    assert (blocks, starts, ends) == (3, {0: 0}, {0: n})
+    assert records == [(o, *r) for o, r in enumerate(numbered(range(n)))]
+    assert records[3][3] == (("n", b"3"),) and records[1][3] is None  # headers: a tuple of pairs, or None
+    assert [r[0] for r in across] == [local.BLOCK - 1, local.BLOCK, local.BLOCK + 1]
+    # The next commit goes on from the end, and read-only access sees the same.
+    feed(data_dir, "t", numbered([n]))
+    assert [r[1] for r in read_all(data_dir, "t")] == list(range(n + 1))
+
+
+def test_retention_cutting_a_block_keeps_the_rest_of_it_under_its_first_offset(data_dir, monkeypatch):
+    monkeypatch.setattr(local, "BLOCK", 4)
+
+    async def fill(broker):
+        await broker.open(retained_app())
+        # Blocks 0-3, 4-7, 8-9; offsets 0-5 expire: the second block is cut after 5.
+        await broker.commit("g", Changes(outputs={"t": numbered(range(6), ts=NOW - 5000) +
+                                                        numbered(range(6, 10))}))
+        assert broker.sweep(NOW) == 6
+        assert broker.sweep(NOW) == 0
+        assert (broker.start_offsets("t"), broker.end_offsets("t")) == ({0: 6}, {0: 10})
+        assert [r[0] for r in broker.read("t", 0, 0, 100)] == [6, 7, 8, 9]
+        assert [r[0] for r in broker.read("t", 0, 7, 2)] == [7, 8]
+        assert [k for k, _ in broker.store.scan("log", b"t\0")] == [
+            b"t\0" + (0).to_bytes(4, "big") + o.to_bytes(8, "big") for o in (6, 8)]
+
+    with_broker(data_dir, fill)
+
+    async def reopen(broker):
+        await broker.open(retained_app())
+        bounds = broker.start_offsets("t"), broker.end_offsets("t")
+        await broker.commit("g", Changes(outputs={"t": numbered([10])}))
+        return bounds, [(r[0], r[2]) for r in broker.read("t", 0, 0, 100)]
+
+    assert with_broker(data_dir, reopen) == (({0: 6}, {0: 10}), [(o, b"v%d" % o) for o in range(6, 11)])
+
+
+def test_a_data_dir_of_the_one_record_per_value_log_is_refused(data_dir):
+    store = Store(str(data_dir))
+    store.put("log", b"t\0" + bytes(4) + bytes(8), msgpack.packb([None, b"v", None, NOW]))  # offset 0
+    store.close()
+    del store
+    gc.collect()
+    refusals = []  # kept, as a supervisor keeps its last error: a refusal still releases the data dir
+    for read_only in (False, True, False):
+        with pytest.raises(pipes.BrokerError, match=f"older pipes.*remove {data_dir} to start afresh") as e:
+            LocalBroker(str(data_dir), pipes.Settings(), read_only=read_only)
+        refusals.append(e.value)
+
+
+def test_a_new_data_dir_is_marked_with_its_log_format(data_dir):
+    assert with_broker(data_dir, lambda b: _get(b, "meta", b"logformat")) == b"2"
+    feed(data_dir, "t", numbered(range(3)))  # a marked data dir with records opens again
+    assert len(read_all(data_dir, "t")) == 3
 
 
 # -- running on local:// ------------------------------------------------------------------

@@ -90,3 +90,27 @@ def test_topics_on_kafka_lists_end_offsets_and_group_lag(tmp_path, kafka_url):
     assert rows["big"]["groups"]["topicskafka.billing"] == {"0": {"offset": 20, "lag": 0}}
     lags = rows["orders"]["groups"]["topicskafka.main"]
     assert sum(o["offset"] for o in lags.values()) == 30 and {o["lag"] for o in lags.values()} == {0}
+
+
+def test_reset_removes_a_data_dir_of_any_log_format_but_not_one_in_use(tmp_path):
+    # The message refusing an older data dir says to remove it; `pipes reset` must be able to.
+    from pipes.store import Store
+
+    (tmp_path / "topicsapp.py").write_text(APP)
+    app = str(tmp_path / "topicsapp.py")
+    data = tmp_path / "data"
+    store = Store(str(data))
+    store.put("log", b"orders\0" + bytes(12), b"\x94\xc0\xa1v\xc0\x01")  # one record per value, unmarked
+    store.close()
+    refused = pipes_cmd("topics", "-A", app, "--broker", f"local://{data}")
+    assert refused.returncode != 0 and "older pipes" in refused.stderr
+    assert pipes_cmd("reset", "-A", app, "--broker", f"local://{data}", "--yes").returncode == 0
+    assert not data.exists()
+
+    held = Store(str(data))  # a worker holds the data dir
+    try:
+        busy = pipes_cmd("reset", "-A", app, "--broker", f"local://{data}", "--yes")
+        assert busy.returncode != 0 and "in use" in busy.stderr
+        assert data.exists()
+    finally:
+        held.close()

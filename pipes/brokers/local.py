@@ -4,6 +4,12 @@
 RocksDB environment, gone when the process ends. Each commit is one write batch, so a
 process killed at any instant restarts from its last checkpoint with nothing lost and
 nothing duplicated.
+
+A topic partition's log is a run of record blocks in the ``log`` column family: key
+``<topic>\\0<partition:4><first offset:8>``, value one msgpack array of up to ``BLOCK``
+consecutive records ``[offset, key, value, headers, timestamp_ms]``, so that one
+``unpackb`` returns the records as consumers get them (:data:`Polled`). A commit writes
+its records as new blocks; blocks are never appended to.
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ from . import Changes, Listener, Polled, lease_topic
 _POS = struct.Struct(">IQ")  # partition, offset
 _Q = struct.Struct(">Q")
 _RETENTION_EVERY = 10.0  # seconds between retention sweeps
+BLOCK = 512  # records per log block at most (see docs/performance.md)
+_BLOCK_BYTES = 1 << 20  # and about this many bytes of values
+_FORMAT = b"2"  # meta b"logformat": record blocks (1: one RocksDB value per record, unmarked)
 _pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def _block_size(outputs: list) -> int:
+    """Records per block: BLOCK, fewer for large values (about _BLOCK_BYTES a block, by the first ones)."""
+    sample = outputs[:16]
+    size = sum(len(o[1] or b"") for o in sample) // len(sample)
+    return max(1, min(BLOCK, _BLOCK_BYTES // (size + 1)))
 
 
 def _log_prefix(topic: str, partition: int) -> bytes:
@@ -48,7 +64,34 @@ class LocalBroker:
         self._changed = asyncio.Event()
         self._committing = asyncio.Lock()  # a log's next offsets are taken and written in turn
         self._last_sweep = time.monotonic()
+        try:
+            self._check_format()
+        except BrokerError:
+            self._log = self._log_handle = None
+            self.store.close()  # releases the data dir
+            raise
         self._load_topics()
+
+    def _check_format(self) -> None:
+        """Refuse a log this version would misread; mark a new one as record blocks."""
+        found = self.store.get("meta", b"logformat")
+        if found == _FORMAT:
+            return
+        if found is None and not self._written():
+            if not self.read_only:
+                self.store.put("meta", b"logformat", _FORMAT)
+            return
+        path = self.store.path
+        if found is None:
+            raise BrokerError(f"data dir {path} was written by an older pipes (one RocksDB value per "
+                              f"record), which this version cannot read: remove {path} to start afresh")
+        raise BrokerError(f"data dir {path} has log format {found.decode(errors='replace')!r}, which this "
+                          f"version of pipes cannot read: use the pipes that wrote it, or remove {path}")
+
+    def _written(self) -> bool:
+        it = self._log.iter()
+        it.seek_to_first()
+        return it.valid()
 
     # -- topics ------------------------------------------------------------------
     def _load_topics(self) -> None:
@@ -62,7 +105,12 @@ class LocalBroker:
         prefix = _log_prefix(topic, p)
         it = self._log.iter()
         it.seek_for_prev(prefix + b"\xff" * 8)
-        end = _Q.unpack(it.key()[-8:])[0] + 1 if it.valid() and it.key().startswith(prefix) else 0
+        end = 0
+        if it.valid() and it.key().startswith(prefix):  # the last block: its first offset + its length
+            block = it.value()
+            header = msgpack.Unpacker(max_buffer_size=len(block))
+            header.feed(block)
+            end = _Q.unpack(it.key()[-8:])[0] + header.read_array_header()
         it.seek(prefix)
         start = _Q.unpack(it.key()[-8:])[0] if it.valid() and it.key().startswith(prefix) else end
         # A partition emptied by retention keeps its end offset in meta, so offsets never go back.
@@ -124,22 +172,28 @@ class LocalBroker:
 
     def read(self, topic: str, partition: int, offset: int, limit: int) -> list[Polled]:
         """Up to `limit` records of one partition from `offset` on."""
+        end = self._end[(topic, partition)]
+        out: list[Polled] = []
+        if offset >= end or limit <= 0:
+            return out
         prefix = _log_prefix(topic, partition)
         it = self._log.iter()
-        it.seek(prefix + _Q.pack(offset))
-        out: list[Polled] = []
+        it.seek_for_prev(prefix + _Q.pack(offset))  # the block holding `offset`
         if not it.valid() or not it.key().startswith(prefix):
-            return out
-        first = _Q.unpack(it.key()[-8:])[0]
-        # Offsets are contiguous from the first record kept to the end: read exactly those.
-        n = min(limit, self._end[(topic, partition)] - first)
+            it.seek(prefix)  # `offset` is before the first record kept
+        # Offsets are contiguous from the first record kept to the end: `offset` is record
+        # `offset - first` of the block that starts at `first`.
         unpackb = msgpack.unpackb
-        value, nxt = it.value, it.next
-        append = out.append
-        for off in range(first, first + n):
-            key, val, headers, ts = unpackb(value(), use_list=False)
-            append((off, key, val, headers, ts))
-            nxt()
+        while len(out) < limit and it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                break
+            first = _Q.unpack(key[-8:])[0]
+            if first >= end:  # written by a commit still in flight
+                break
+            skip = max(offset - first, 0)
+            out += unpackb(it.value(), use_list=False)[skip:skip + limit - len(out)]
+            it.next()
         return out
 
     async def wait(self, timeout: float, wake: asyncio.Event | None = None) -> None:
@@ -176,11 +230,11 @@ class LocalBroker:
             self.partitions(topic)
             off = ends.get((topic, p), self._end[(topic, p)])
             prefix = _log_prefix(topic, p)
-            pack_offset = _Q.pack
-            for out in outputs:  # (key, value, headers, timestamp), stored as one msgpack array
-                put(prefix + pack_offset(off), _pack(out), h)
-                off += 1
-            ends[(topic, p)] = off
+            records = [(o, key, value, headers, ts) for o, (key, value, headers, ts) in enumerate(outputs, off)]
+            step = _block_size(outputs)
+            for i in range(0, len(records), step):
+                put(prefix + _Q.pack(off + i), _pack(records[i:i + step]), h)
+            ends[(topic, p)] = off + len(records)
         if changes.offsets:
             store.stage_offsets(wb, group, changes.offsets)
         if changes.state:
@@ -201,27 +255,38 @@ class LocalBroker:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         deleted = 0
         for name, meta in self._topics.items():
-            if not meta.get("retention_ms"):
-                continue
-            cutoff = now_ms - meta["retention_ms"]
-            for p in range(meta["partitions"]):
-                start, end = self._start[(name, p)], self._end[(name, p)]
-                first = start
-                while first < end:
-                    recs = self.read(name, p, first, 1000)
-                    old = sum(1 for _ in takewhile(lambda r: r[4] < cutoff, recs))
-                    first += old
-                    if old < len(recs) or not recs:
-                        break
-                if first > start:
-                    prefix = _log_prefix(name, p)
-                    wb = self.store.batch()
-                    wb.delete_range(prefix + _Q.pack(start), prefix + _Q.pack(first), self._log_handle)
-                    wb.put(b"end\0" + prefix, _Q.pack(end), self.store.handle["meta"])
-                    self.store.write(wb)
-                    self._start[(name, p)] = first
-                    deleted += first - start
+            if meta.get("retention_ms"):
+                for p in range(meta["partitions"]):
+                    deleted += self._sweep(name, p, now_ms - meta["retention_ms"])
         return deleted
+
+    def _sweep(self, topic: str, p: int, cutoff: int) -> int:
+        """Delete the records of one partition before the first one at or after `cutoff`."""
+        start = first = self._start[(topic, p)]
+        end = self._end[(topic, p)]
+        prefix = _log_prefix(topic, p)
+        it = self._log.iter()
+        it.seek(prefix)
+        kept = ()
+        while first < end and it.valid() and it.key().startswith(prefix):
+            recs = msgpack.unpackb(it.value(), use_list=False)
+            old = sum(1 for _ in takewhile(lambda r: r[4] < cutoff, recs))
+            if old < len(recs):
+                if old:  # the block expires in part: the rest is kept under its new first offset
+                    first, kept = recs[old][0], recs[old:]
+                break
+            first = recs[-1][0] + 1
+            it.next()
+        if first == start:
+            return 0
+        wb = self.store.batch()
+        wb.delete_range(prefix + _Q.pack(start), prefix + _Q.pack(first), self._log_handle)
+        if kept:
+            wb.put(prefix + _Q.pack(first), _pack(kept), self._log_handle)
+        wb.put(b"end\0" + prefix, _Q.pack(end), self.store.handle["meta"])
+        self.store.write(wb)
+        self._start[(topic, p)] = first
+        return first - start
 
     async def close(self) -> None:
         self._log = self._log_handle = None
