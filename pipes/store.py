@@ -5,7 +5,7 @@ Layout (column families, raw bytes):
 * ``state``    ``<node>\\0<partition:4>`` + key  ->  pickled state of that key
 * ``sources``  ``<node>``                       ->  pickled source checkpoint
 * ``offsets``  ``<group>\\0<topic>\\0<partition:4>`` -> next offset to process (8 bytes)
-* ``log``      ``<topic>\\0<partition:4><offset:8>`` -> a record (embedded broker only)
+* ``log``      ``<topic>\\0<partition:4><first offset:8>`` -> a block of records (embedded broker only)
 * ``meta``     topic settings and bookkeeping
 
 Every checkpoint is one :class:`rocksdict.WriteBatch`, so it is applied entirely or not at all.
@@ -31,6 +31,7 @@ from .errors import BrokerError
 CFS = ("state", "sources", "offsets", "log", "meta")
 _P = struct.Struct(">I")
 _Q = struct.Struct(">Q")
+_ON_THREAD = 1000  # write batches of at least this many updates go to a worker thread
 
 
 def state_prefix(node: str, partition: int) -> bytes:
@@ -154,9 +155,13 @@ class Store:
         self.db.write(wb)
 
     async def write_batch(self, wb: rocksdict.WriteBatch) -> None:
-        """write() on a worker thread, for checkpoints: ~1 µs a key that the event loop's
-        thread spends processing instead."""
-        await asyncio.to_thread(self._write_locked, wb)
+        """write() for checkpoints: a large batch on a worker thread (~1 µs a key that the
+        event loop's thread spends processing instead), a small one at once (handing it to a
+        thread and back would take longer than writing it)."""
+        if len(wb) < _ON_THREAD:
+            self.write(wb)
+        else:
+            await asyncio.to_thread(self._write_locked, wb)
 
     def _write_locked(self, wb: rocksdict.WriteBatch) -> None:
         with self._writing:

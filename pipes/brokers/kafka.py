@@ -295,7 +295,11 @@ class KafkaBroker:
         self._txn[tp] = producer
 
     async def release(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
-        """Revoked partitions, after their last checkpoint: their transactional producers go."""
+        """Revoked partitions, after their last checkpoint: its offsets are committed, their
+        transactional producers go."""
+        consumer = self._consumers.get(topology.group)
+        if consumer is not None:
+            await consumer.committed_all()
         for tp in tps:
             producer = self._txn.pop(tp, None)
             if producer is not None:
@@ -390,10 +394,12 @@ class KafkaBroker:
         for (topic, p), end in ends.items():
             wb.put(_position_key(topic, p), _Q.pack(end), store.handle["meta"])
         await store.write_batch(wb)
-        # 4. consumer offsets (exactly-once: committed with each transaction)
+        # 4. consumer offsets (exactly-once: committed with each transaction), after the previous
+        # checkpoint's, without holding this one up: they only tell another worker where to
+        # start, and are waited for when partitions are revoked and when the consumer closes
         consumer = self._consumers.get(group)
         if consumer is not None and changes.offsets and not transactional:
-            await consumer.commit(changes.offsets)
+            consumer.commit_soon(changes.offsets)
 
     def _logs(self, group: str, changes: Changes) -> dict[tuple[str, int], list]:
         """Changelog records of the touched state (each carrying the processed offsets of the
@@ -574,6 +580,7 @@ class KafkaConsumer:
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
         self._fetch: asyncio.Task | None = None
+        self._commits: asyncio.Task | None = None  # the last offsets commit, and those before it
         self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
                                   value_deserializer=records_fast.AS_TUPLES, isolation_level=broker._isolation,
@@ -670,6 +677,19 @@ class KafkaConsumer:
         # Records come as Polled tuples already (records_fast).
         return [(tp.topic, tp.partition, recs) for tp, recs in data.items() if recs]
 
+    def commit_soon(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit `offsets` once the offsets committed before are, without waiting."""
+        self._commits = asyncio.ensure_future(self._commit_after(self._commits, offsets))
+
+    async def _commit_after(self, previous: asyncio.Task | None, offsets: dict[tuple[str, int], int]) -> None:
+        if previous is not None:
+            await previous
+        await self.commit(offsets)
+
+    async def committed_all(self) -> None:
+        if self._commits is not None:
+            await self._commits
+
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         owned = {TopicPartition(*tp): off for tp, off in offsets.items() if tp in self.owned}
         if owned:
@@ -681,6 +701,7 @@ class KafkaConsumer:
                             self.group, e)
 
     async def close(self) -> None:
+        await self.committed_all()
         if self._fetch is not None:
             self._fetch.cancel()
             try:
