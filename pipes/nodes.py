@@ -63,9 +63,9 @@ class Transform:
         self.is_async = inspect.iscoroutinefunction(fn)
         self.is_gen = inspect.isgeneratorfunction(fn)
         self.is_agen = inspect.isasyncgenfunction(fn)
-        # One value in, at most one result out, nothing else to look up: the common transform.
-        self.plain = not (self.is_async or self.is_gen or self.is_agen or table is not None
-                          or node.wants_message or self.keyfn is not None)
+        # One value (and its key's state) in, at most one result out: the common transform.
+        self.plain = not (self.is_async or self.is_gen or self.is_agen or node.wants_message
+                          or self.keyfn is not None)
         if node.internal:  # re-keying: values pass through as they are, only keys change
             self.process = self._rekey
 
@@ -135,12 +135,13 @@ class Transform:
         """process() of a plain transform to one topic: the same steps, nothing else checked."""
         loads = self.decoder.for_topic(topic)[0]
         fn = self.fn
+        state = self.table.get if self.table is not None else None
         vdumps, _, (out,) = bufs[0]
         append = out.append
         encode = self.emitter.encode
         for rec in records:
             try:
-                result = fn(loads(rec[2]))
+                result = fn(loads(rec[2])) if state is None else fn(loads(rec[2]), state(partition, rec[1]))
                 if result is None:
                     continue
                 if type(result) is Message:
