@@ -4,6 +4,8 @@ PYTHON ?= $(shell for p in python3.14 python3.13 $$HOME/.pyenv/versions/3.1[3-9]
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null && { command -v $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
+# make bench: every measurement this many times, the best counting (the machines are noisy).
+BENCH_REPEAT ?= 3
 STAMP := $(VENV)/.installed
 
 .PHONY: run test bench setup tools clean
@@ -50,7 +52,7 @@ $(PEERS_STAMP): $(STAMP)
 	@touch $(PEERS_STAMP)
 
 bench: $(STAMP) $(PEERS_STAMP)
-	$(PY) -m tests.bench.run
+	$(PY) -m tests.bench.run --repeat $(BENCH_REPEAT)
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) .pipes out
