@@ -12,12 +12,14 @@ A checkpoint (:meth:`KafkaBroker.commit`) is made durable in this order:
 2. produce changelog records and source checkpoints (each changelog record carries the
    processed input offsets in a ``pipes.offsets`` header) and wait for their acks;
 3. write keyed state, processed offsets and changelog positions to RocksDB in one batch;
-4. commit the consumer offsets of partitions still assigned.
+4. commit the consumer offsets of partitions still assigned (after the previous
+   checkpoint's, without holding the next checkpoint up).
 
 So a changelog record at input offset X means every output up to X is durable. After
 a crash, processing resumes at the larger of the committed offset and the processed
 offset recorded with the state: keyed state is exactly-once, outputs at-least-once
-(duplicates bounded by one checkpoint), and nothing is lost.
+(duplicates bounded by two checkpoints: the one in flight, and the one before while its
+offset commit is on its way), and nothing is lost.
 
 With ``guarantee="exactly_once"`` steps 1, 2 and 4 are one Kafka transaction per input
 partition: what the records of that partition caused (outputs, dead letters, changelog
@@ -399,6 +401,7 @@ class KafkaBroker:
         # start, and are waited for when partitions are revoked and when the consumer closes
         consumer = self._consumers.get(group)
         if consumer is not None and changes.offsets and not transactional:
+            await consumer.committed_all()  # one commit on its way at most
             consumer.commit_soon(changes.offsets)
 
     def _logs(self, group: str, changes: Changes) -> dict[tuple[str, int], list]:
@@ -580,7 +583,7 @@ class KafkaConsumer:
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
         self._fetch: asyncio.Task | None = None
-        self._commits: asyncio.Task | None = None  # the last offsets commit, and those before it
+        self._commits: asyncio.Task | None = None  # the last offsets commit
         self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
                                   value_deserializer=records_fast.AS_TUPLES, isolation_level=broker._isolation,
@@ -678,15 +681,11 @@ class KafkaConsumer:
         return [(tp.topic, tp.partition, recs) for tp, recs in data.items() if recs]
 
     def commit_soon(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Commit `offsets` once the offsets committed before are, without waiting."""
-        self._commits = asyncio.ensure_future(self._commit_after(self._commits, offsets))
-
-    async def _commit_after(self, previous: asyncio.Task | None, offsets: dict[tuple[str, int], int]) -> None:
-        if previous is not None:
-            await previous
-        await self.commit(offsets)
+        """Commit `offsets` without waiting (after committed_all(): one commit on its way)."""
+        self._commits = asyncio.ensure_future(self.commit(offsets))
 
     async def committed_all(self) -> None:
+        """Wait for the commit on its way, if any."""
         if self._commits is not None:
             await self._commits
 
