@@ -12,14 +12,12 @@ A checkpoint (:meth:`KafkaBroker.commit`) is made durable in this order:
 2. produce changelog records and source checkpoints (each changelog record carries the
    processed input offsets in a ``pipes.offsets`` header) and wait for their acks;
 3. write keyed state, processed offsets and changelog positions to RocksDB in one batch;
-4. commit the consumer offsets of partitions still assigned (after the previous
-   checkpoint's, without holding the next checkpoint up).
+4. commit the consumer offsets of partitions still assigned.
 
 So a changelog record at input offset X means every output up to X is durable. After
 a crash, processing resumes at the larger of the committed offset and the processed
 offset recorded with the state: keyed state is exactly-once, outputs at-least-once
-(duplicates bounded by two checkpoints: the one in flight, and the one before while its
-offset commit is on its way), and nothing is lost.
+(duplicates bounded by one checkpoint), and nothing is lost.
 
 With ``guarantee="exactly_once"`` steps 1, 2 and 4 are one Kafka transaction per input
 partition: what the records of that partition caused (outputs, dead letters, changelog
@@ -297,11 +295,7 @@ class KafkaBroker:
         self._txn[tp] = producer
 
     async def release(self, topology: Topology, tps: list[tuple[str, int]]) -> None:
-        """Revoked partitions, after their last checkpoint: its offsets are committed, their
-        transactional producers go."""
-        consumer = self._consumers.get(topology.group)
-        if consumer is not None:
-            await consumer.committed_all()
+        """Revoked partitions, after their last checkpoint: their transactional producers go."""
         for tp in tps:
             producer = self._txn.pop(tp, None)
             if producer is not None:
@@ -396,13 +390,10 @@ class KafkaBroker:
         for (topic, p), end in ends.items():
             wb.put(_position_key(topic, p), _Q.pack(end), store.handle["meta"])
         await store.write_batch(wb)
-        # 4. consumer offsets (exactly-once: committed with each transaction), after the previous
-        # checkpoint's, without holding this one up: they only tell another worker where to
-        # start, and are waited for when partitions are revoked and when the consumer closes
+        # 4. consumer offsets (exactly-once: committed with each transaction)
         consumer = self._consumers.get(group)
         if consumer is not None and changes.offsets and not transactional:
-            await consumer.committed_all()  # one commit on its way at most
-            consumer.commit_soon(changes.offsets)
+            await consumer.commit(changes.offsets)
 
     def _logs(self, group: str, changes: Changes) -> dict[tuple[str, int], list]:
         """Changelog records of the touched state (each carrying the processed offsets of the
@@ -583,7 +574,6 @@ class KafkaConsumer:
         self.failed: Exception | None = None
         self._wake = asyncio.Event()
         self._fetch: asyncio.Task | None = None
-        self._commits: asyncio.Task | None = None  # the last offsets commit
         self.c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_poll_records=broker.settings.poll_records,
                                   value_deserializer=records_fast.AS_TUPLES, isolation_level=broker._isolation,
@@ -680,15 +670,6 @@ class KafkaConsumer:
         # Records come as Polled tuples already (records_fast).
         return [(tp.topic, tp.partition, recs) for tp, recs in data.items() if recs]
 
-    def commit_soon(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Commit `offsets` without waiting (after committed_all(): one commit on its way)."""
-        self._commits = asyncio.ensure_future(self.commit(offsets))
-
-    async def committed_all(self) -> None:
-        """Wait for the commit on its way, if any."""
-        if self._commits is not None:
-            await self._commits
-
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         owned = {TopicPartition(*tp): off for tp, off in offsets.items() if tp in self.owned}
         if owned:
@@ -700,7 +681,6 @@ class KafkaConsumer:
                             self.group, e)
 
     async def close(self) -> None:
-        await self.committed_all()
         if self._fetch is not None:
             self._fetch.cancel()
             try:
