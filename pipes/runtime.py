@@ -387,6 +387,9 @@ async def run(graph: Graph, settings: Settings, *, topologies: list[str] | None 
             for w in workers:
                 w.stop()
             _, late = await asyncio.wait(tasks, timeout=settings.shutdown_timeout)
+            if late:
+                log.warning("shutdown is taking longer than %g s; where its tasks wait:\n%s",
+                            settings.shutdown_timeout, _where_tasks_wait())
             for t in late:
                 t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -425,3 +428,20 @@ async def _until_idle(workers: list[Supervisor]) -> None:
 
 
 __all__ = ["run", "Report", "Supervisor", "TopologyRunner", "ProcessingError"]
+
+
+def _where_tasks_wait() -> str:
+    """Each pending task of this loop and where it waits (its innermost coroutines), for a
+    shutdown that hangs."""
+    lines = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task() or task.done():
+            continue
+        frames, coro = [], task.get_coro()
+        while coro is not None:  # down the chain of awaits
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append(f"  {task.get_name()}: {' -> '.join(frames[-5:]) or 'not started'}")
+    return "\n".join(lines)

@@ -314,3 +314,6 @@ def test_a_shutdown_that_outlasts_its_deadline_is_cut_short_with_exit_1(tmp_path
     assert err.strip().splitlines()[-1] == (
         "pipes: error: shutdown took longer than 1 s (shutdown_timeout): topology 'main' cancelled; "
         "what they did since their last checkpoint is redone by the next run")
+    # Before giving up, it says where the hanging topology waits: in the sink's flush.
+    assert "shutdown is taking longer than 1 s; where its tasks wait:" in err
+    assert "flush (hanging.py:" in err, err
