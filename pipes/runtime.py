@@ -79,6 +79,7 @@ class TopologyRunner:
         # A batch (processing and its checkpoint) and a revocation never interleave.
         self._lock = asyncio.Lock()
         self._source_tasks: list[asyncio.Task] = []
+        self._restoring: asyncio.Task | None = None  # a gained partitions' restore, while it runs
 
     def idle(self) -> bool:
         """Started, nothing running or pending, the sources this worker runs finished (timers,
@@ -91,12 +92,24 @@ class TopologyRunner:
     def stop(self) -> None:
         self.stopping = True
         self.ckpt.wake()
+        if self._restoring is not None:  # a long changelog restore does not hold a shutdown up
+            self._restoring.cancel()
 
     # -- partitions come and go -----------------------------------------------------
     async def assigned(self, tps: list[tuple[str, int]]) -> None:
         self.ready = False  # until the state of what it gained is restored
         async with self._lock:
-            await self.broker.restore(self.topology, tps)
+            if self.stopping:
+                return
+            self._restoring = asyncio.ensure_future(self.broker.restore(self.topology, tps))
+            try:
+                await self._restoring
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling() or not self.stopping:
+                    raise
+                return  # stop() cut it short: what it wrote is consistent, the next owner goes on
+            finally:
+                self._restoring = None
             if self.lease is not None and (self.lease, 0) in tps:
                 self._start_sources()
             self.ready = True

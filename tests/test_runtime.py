@@ -950,3 +950,33 @@ def test_a_checkpoint_failing_in_flight_stops_the_runner_and_what_landed_before_
         asyncio.run(pipes.runtime.run(app.build(settings), settings, until_done=True, broker=broker))
     assert recording.commits == 4  # no checkpoint was taken after the failed one
     assert recording.landed  # the three before it landed
+
+
+def test_a_stop_cuts_a_long_restore_short():
+    # A SIGTERM while gained partitions' state is being restored (a long changelog) must not
+    # wait for the restore: seen on Kafka as a shutdown overrunning its deadline.
+    from pipes.brokers.local import LocalBroker
+
+    restoring = asyncio.Event()
+
+    class SlowRestore(LocalBroker):
+        async def restore(self, topology, tps):
+            restoring.set()
+            await asyncio.sleep(3600)
+
+    app = pipes.App("slowrestore")
+    app.transform("a", to="b")(lambda v: v)
+    settings = app.settings.override(broker="memory://", shutdown_timeout=5)
+    broker = SlowRestore(None, settings, url="memory://")
+    stop = asyncio.Event()
+
+    async def scenario():
+        running = asyncio.create_task(pipes.runtime.run(app.build(settings), settings, broker=broker, stop=stop))
+        await asyncio.wait_for(restoring.wait(), 10)
+        stop.set()
+        began = asyncio.get_running_loop().time()
+        report = await asyncio.wait_for(running, 10)
+        return report, asyncio.get_running_loop().time() - began
+
+    report, took = asyncio.run(scenario())
+    assert took < 2 and report.processed == 0
