@@ -9,7 +9,7 @@ Layout (column families, raw bytes):
 * ``meta``     topic settings and bookkeeping
 
 Every checkpoint is one :class:`rocksdict.WriteBatch`, so it is applied entirely or not at all.
-A checkpoint's batch is written on a worker thread (:meth:`Store.write_batch`): rocksdict
+A large checkpoint batch is written on a worker thread (:meth:`Store.write_batch`): rocksdict
 releases the GIL, so the event loop goes on processing the next batch meanwhile.
 """
 
