@@ -155,14 +155,6 @@ class Checkpoint:
             self._flight = None
             flight.result()
 
-    async def land_quietly(self) -> None:
-        """The runner failed: a checkpoint in flight, taken before the failure, may still land;
-        if it cannot, a restart resumes from the last one that did."""
-        try:
-            await self.landed()
-        except Exception:
-            pass
-
     def abandon(self) -> None:
         """The runner is cancelled: a checkpoint still in flight is given up (a restart
         resumes from the last one that landed)."""

@@ -354,7 +354,7 @@ def _checkpoint_ages(graph: Any, store: Any) -> dict[str, Any]:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    from .store import offset_key, state_prefix
+    from .store import Store, offset_key, state_prefix
 
     app, settings = _app_and_settings(args)
     graph = app.build(settings)
@@ -374,8 +374,6 @@ def cmd_reset(args: argparse.Namespace) -> int:
             print("nothing changed")
             return 1
     if not args.topology and settings.broker.startswith("local"):
-        from .store import Store
-
         if os.path.isdir(path):
             Store(path).close()  # fails clearly if a worker holds the data dir (any pipes version's)
         shutil.rmtree(path, ignore_errors=True)

@@ -11,6 +11,7 @@ left to do; a :class:`Supervisor` per topology restarts a crashed runner when as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import struct
@@ -183,8 +184,9 @@ class TopologyRunner:
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 self.ckpt.abandon()
-            else:  # a checkpoint taken before the failure still lands (on_error="stop": all before it)
-                await self.ckpt.land_quietly()
+            else:  # a checkpoint taken before the failure still lands (on_error="stop": all before it);
+                with contextlib.suppress(Exception):  # if it cannot, a restart resumes from the last that did
+                    await self.ckpt.landed()
             await self._stop_sources()
             await self._close_sources()
             raise

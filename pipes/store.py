@@ -38,6 +38,12 @@ def state_prefix(node: str, partition: int) -> bytes:
     return node.encode() + b"\0" + _P.pack(partition)
 
 
+def split_state_prefix(key: bytes) -> tuple[bytes, str, int]:
+    """A state key's prefix, and the node and partition it names (state_prefix() undone)."""
+    cut = key.index(b"\0") + 5
+    return key[:cut], key[:cut - 5].decode(), _P.unpack(key[cut - 4:cut])[0]
+
+
 def offset_key(group: str, topic: str, partition: int) -> bytes:
     return f"{group}\0{topic}\0".encode() + _P.pack(partition)
 

@@ -47,7 +47,7 @@ from . import records_fast
 
 from ..errors import BrokerError, ConfigError
 from ..settings import Settings
-from ..store import Store, state_prefix
+from ..store import Store, split_state_prefix, state_prefix
 from ..topology import Graph, Topology
 from . import Changes, Listener, Polled, data_dir, lease_topic
 
@@ -402,8 +402,8 @@ class KafkaBroker:
         prefix, cut, append, header = b"\xff", 0, None, None
         for k, v in changes.state.items():  # a table's keys of one partition share a prefix
             if not k.startswith(prefix):
-                cut = k.index(b"\0") + 5
-                prefix, node, p = k[:cut], k[:cut - 5].decode(), _P.unpack(k[cut - 4:cut])[0]
+                prefix, node, p = split_state_prefix(k)
+                cut = len(prefix)
                 tp = (self._changelogs[node], p)
                 offsets = [(t, p, changes.offsets[(t, p)]) for t in self._inputs[node] if (t, p) in changes.offsets]
                 header = (("pipes.offsets", msgpack.packb(offsets)),) if offsets else None
