@@ -286,19 +286,40 @@ def workers_cleanup(workers: list[Worker]) -> Iterator[None]:
 
 # Tansu 0.6 keeps a departed leader when a group's members all leave during a rebalance,
 # and then never completes a later join (SyncGroup fails forever). So workers are stopped
-# one at a time, each after the rest have had time to rebalance without it.
-SETTLE = 8.0
+# one at a time, each once the group has settled without the one before: a fixed pause
+# was not always enough (the rebalance after a leave takes ~5 s on an idle machine, more
+# beside a restore under load), and the final worker then never joined.
+SETTLE = 60.0
 
 
-async def stop_one_by_one(workers: list[Worker]) -> None:
-    """SIGTERM each worker in turn: it drains, checkpoints and exits 0."""
+async def group_settled(bootstrap: str, group: str, members: int, timeout: float = SETTLE) -> None:
+    """Wait until the broker reports `group` Stable with `members` members (or Empty, for 0)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            (response,) = await admin.describe_consumer_groups([group])
+            _, _, state, _, _, listed = response.groups[0]
+            if (state == "Empty" if members == 0 else state == "Stable") and len(listed) == members:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"group {group} did not settle with {members} members within "
+                                     f"{timeout:.0f} s: {state} with {len(listed)}")
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+
+
+async def stop_one_by_one(workers: list[Worker], bootstrap: str, group: str) -> None:
+    """SIGTERM each worker in turn: it drains, checkpoints and exits 0; the next is stopped
+    once the group has rebalanced without it."""
     for n, w in enumerate(workers):
-        if n:
-            await asyncio.sleep(SETTLE)
         w.expect_running = False
         w.signal(signal.SIGTERM)
         rc = await w.wait(60)
         assert rc == 0, f"{w.name} did not stop cleanly on SIGTERM: {rc}\n{w.tail()}"
+        await group_settled(bootstrap, group, len(workers) - n - 1)
 
 
 async def until(share: float, timeout: float, workers: list[Worker], progress: Progress) -> float:
@@ -514,7 +535,7 @@ async def _workers_killed_joining_and_leaving(url: str, tmp: Path) -> None:
             faults.append(("w2 left", progress.fraction))
 
             faults.append(("all processed", await until(1.0, 120, workers, progress)))
-        await stop_one_by_one([w1, w3, w4])
+        await stop_one_by_one([w1, w3, w4], bootstrap, f"{app}.main")
         print("\nfaults landed at:", ", ".join(f"{what} {at:.1%}" for what, at in faults),
               f"({time.monotonic() - started:.0f} s)")
         report = await finish_and_verify(url, bootstrap, app, tmp, workers)
@@ -584,5 +605,5 @@ async def _broker_paused(url: str, broker: subprocess.Popen, tmp: Path) -> None:
         assert [w.proc.pid for w in workers] == pids and all(len(w.procs) == 1 for w in workers)
         for w in workers:
             assert w.running(), f"{w.name} exited\n{w.tail()}"
-        await stop_one_by_one(workers)
+        await stop_one_by_one(workers, bootstrap, f"{app}.main")
         await finish_and_verify(url, bootstrap, app, tmp, workers)
