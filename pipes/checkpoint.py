@@ -20,6 +20,12 @@ mostly waiting for acks), may stay *in flight* while the runner processes the ne
 checkpoints land one at a time and in order, and a failure surfaces at the runner's next
 step. What is announced as durable (sources, sinks, tables, ``on_commit``) is announced
 when it has landed.
+
+On Kafka at least once (``sends_ahead``), outputs need no checkpoint to go out: the
+runner hands each batch's outputs to the broker as soon as it is processed
+(:meth:`Checkpoint.send_ahead`), and the checkpoint that covers them waits for their acks
+before anything else of it. So outputs are not held by a checkpoint landing, and while
+one lands the runner goes on (:meth:`Checkpoint.advance`) up to twice ``commit_every``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class Snapshotting(Protocol):
 
 class Checkpoint:
     def __init__(self, broker: Broker, group: str, *, commit_interval: float, commit_every: int,
-                 scoped: bool = False):
+                 scoped: bool = False, sends_ahead: bool = False):
         self.broker = broker
         self.group = group
         self.commit_interval = commit_interval
@@ -65,6 +71,10 @@ class Checkpoint:
         self.scopes: dict[tuple[str, int] | None, dict[str, list]] = {None: {}}
         self.outputs = self.scopes[None]
         self._flight: asyncio.Task | None = None  # the last checkpoint taken, until it has landed
+        # Kafka at least once: outputs are handed to the broker before the checkpoint that covers
+        # them is taken (send_ahead), so they need not wait for the one in flight to land.
+        self.sends_ahead = sends_ahead and not scoped
+        self._sent: list[asyncio.Future] = []  # their acks, until that checkpoint takes them
         self._reset()
 
     def _reset(self) -> None:
@@ -92,7 +102,7 @@ class Checkpoint:
     @property
     def collected(self) -> bool:
         """Anything done since the last checkpoint was taken."""
-        return bool(self.count or self.offsets
+        return bool(self.count or self.offsets or self._sent
                     or any(buf for outputs in self.scopes.values() for buf in outputs.values()))
 
     @property
@@ -101,12 +111,27 @@ class Checkpoint:
         return self._flight is not None or self.collected
 
     def due(self, *, backlog: bool) -> bool:
-        """Commit now? Yes once there is something to commit and the input is drained
-        (so a lone message is not held), or enough messages or time have gone by."""
+        """Commit now? Yes once there is something to commit and there is no `backlog`
+        (the runner says when: a drained input, so a lone message is not held; with
+        outputs sent ahead, a pause in the input), or enough messages or time have gone by."""
         if not self.collected:
             return False
         return (not backlog or self.count >= self.commit_every
                 or time.monotonic() - self.started >= self.commit_interval)
+
+    @property
+    def landing(self) -> bool:
+        """A checkpoint taken is not durable yet."""
+        return self._flight is not None and not self._flight.done()
+
+    async def advance(self) -> None:
+        """The checkpoint is due: take it; or, while the last one is still landing, send the
+        outputs ahead (``sends_ahead``) and take it once that one has landed, which wakes the
+        runner; the runner polls meanwhile. Up to twice ``commit_every`` is collected so."""
+        if self.sends_ahead and self.landing and self.count < 2 * self.commit_every:
+            self.send_ahead()
+        else:
+            await self.commit(wait=False)
 
     async def room(self) -> None:
         """Sources wait here while a full checkpoint's worth of outputs is pending."""
@@ -114,13 +139,29 @@ class Checkpoint:
             self.wake()
             await self._committed.wait()
 
+    def send_ahead(self) -> None:
+        """Hand the outputs buffered so far to the broker now (``sends_ahead`` only): it
+        produces them while the runner goes on, and the next checkpoint waits for their acks."""
+        outputs = self.outputs
+        taken = {t: list(o) for t, o in outputs.items() if o}
+        if taken:
+            for buf in outputs.values():
+                buf.clear()
+            sent = self.broker.send_ahead(taken)
+            sent.add_done_callback(_retrieved)
+            self._sent.append(sent)
+
     async def commit(self, *, wait: bool = True) -> None:
         """Take a checkpoint of everything since the last one, once that one has landed; with
-        `wait`, return when this one has landed too, else while the broker still works on it."""
+        `wait`, return when this one has landed too, else while the broker still works on it.
+        Outputs are sent ahead first (``sends_ahead``): they need not wait for the landing."""
+        if self.sends_ahead and self._flight is not None:
+            self.send_ahead()
         await self.landed()
         for sink in self.sinks:
             await sink.flush(self)
-        changes = Changes(offsets=self.offsets)
+        changes = Changes(offsets=self.offsets, sent=self._sent)
+        self._sent = []
         for scope, outputs in self.scopes.items():
             taken = {t: list(o) for t, o in outputs.items() if o}
             if taken and not self.scoped:
@@ -161,6 +202,7 @@ class Checkpoint:
         if self._flight is not None:
             self._flight.cancel()
             self._flight = None
+        self._sent = []  # produced or not: a restart produces them again
 
     async def _land(self, changes: Changes, count: int) -> None:
         if changes:
@@ -177,3 +219,9 @@ class Checkpoint:
             hook()
         committed, self._committed = self._committed, asyncio.Event()
         committed.set()
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """A send whose checkpoint never came (the runner failed first): its error is not news."""
+    if not future.cancelled():
+        future.exception()

@@ -30,6 +30,7 @@ from .topology import Graph, Topology
 
 log = logging.getLogger("pipes")
 _MS = struct.Struct(">Q")
+INPUT_PAUSE = 0.02  # seconds without input after which outputs sent ahead are checkpointed
 
 
 def checkpoint_time_key(group: str) -> bytes:
@@ -45,7 +46,8 @@ class TopologyRunner:
         self.broker = broker
         self.settings = settings
         self.ckpt = Checkpoint(broker, topology.group, commit_interval=settings.commit_interval,
-                               commit_every=settings.commit_every, scoped=broker.scoped)
+                               commit_every=settings.commit_every, scoped=broker.scoped,
+                               sends_ahead=broker.sends_ahead)
         self.tables = {n.id: StateTable(broker.store, n.id) for n in topology.nodes if n.stateful}
         self.transforms = [processor(n, graph, self.tables.get(n.id))
                            for n in topology.nodes if n.kind == "transform"]
@@ -202,8 +204,7 @@ class TopologyRunner:
         max_records = self.settings.poll_records
         by_topic = self.by_topic
         while not self.stopping:
-            # A checkpoint in flight wakes the poll when it lands.
-            timeout = 0.0 if ckpt.collected else min(self.settings.commit_interval, self.tick_interval)
+            timeout = self._poll_timeout(ckpt)
             polled = await consumer.poll(max_records, timeout)
             self._check_sources()
             async with self._lock:
@@ -213,9 +214,22 @@ class TopologyRunner:
                     await self._tick(ckpt)
                 ckpt.count += n
                 self.processed += n
-                if ckpt.due(backlog=n >= max_records):
+                # Without sending ahead, a checkpoint is taken as soon as the input is drained, so a
+                # lone message's outputs are not held; outputs sent ahead are on their way already,
+                # so then it waits for a pause in the input (or commit_every, or commit_interval).
+                if ckpt.due(backlog=n > 0 if ckpt.sends_ahead else n >= max_records):
                     # The broker makes it durable while the next batch is processed.
-                    await ckpt.commit(wait=False)
+                    await ckpt.advance()
+                elif ckpt.sends_ahead:
+                    ckpt.send_ahead()
+
+    def _poll_timeout(self, ckpt: Checkpoint) -> float:
+        """How long a poll may wait for input: not at all while a checkpoint waits to be taken
+        once the input is drained; a short pause when outputs are sent ahead; else until the
+        next tick or checkpoint (a checkpoint landing wakes the poll)."""
+        if ckpt.collected and not ckpt.landing:
+            return INPUT_PAUSE if ckpt.sends_ahead else 0.0
+        return min(self.settings.commit_interval, self.tick_interval)
 
     async def _tick(self, ckpt: Checkpoint) -> None:
         now = time.time()

@@ -221,6 +221,82 @@ def test_room_holds_sources_until_the_checkpoint_is_committed():
     asyncio.run(main())
 
 
+# -- sending ahead (Kafka, at least once) ----------------------------------------------------
+
+
+class SendingBroker(RecordingBroker):
+    """Records outputs handed over ahead of a checkpoint; each commit waits for a release."""
+
+    sends_ahead = True
+
+    def __init__(self, calls: list):
+        super().__init__(calls)
+        self.release = asyncio.Event()
+
+    def send_ahead(self, outputs: dict) -> asyncio.Future:
+        self.calls.append(("send", {t: list(o) for t, o in outputs.items()}))
+        sent = asyncio.get_running_loop().create_future()
+        sent.set_result({})
+        return sent
+
+    async def commit(self, group: str, changes: Changes) -> None:
+        await self.release.wait()
+        self.calls.append(("commit", {t: list(o) for t, o in changes.outputs.items()}, len(changes.sent),
+                           dict(changes.offsets)))
+
+
+def sending(calls: list, every: int = 100) -> Checkpoint:
+    return Checkpoint(SendingBroker(calls), "shop.main", commit_interval=3600.0, commit_every=every,
+                      sends_ahead=True)
+
+
+def test_outputs_sent_ahead_are_pending_and_the_next_checkpoint_waits_for_their_acks():
+    calls: list = []
+    ckpt = sending(calls)
+
+    async def main():
+        ckpt.broker.release.set()
+        ckpt.buffer("out").append((None, b"1", None, 0))
+        ckpt.send_ahead()
+        assert not any(ckpt.outputs.values()) and ckpt.pending  # handed over, not yet covered
+        ckpt.buffer("out").append((None, b"2", None, 0))
+        ckpt.offsets[("in", 0)] = 2
+        await ckpt.commit()
+
+    asyncio.run(main())
+    assert calls == [("send", {"out": [(None, b"1", None, 0)]}),
+                     ("commit", {"out": [(None, b"2", None, 0)]}, 1, {("in", 0): 2})]
+    assert not ckpt.pending
+
+
+def test_while_a_checkpoint_lands_the_next_outputs_go_ahead_and_the_runner_is_not_held():
+    calls: list = []
+    ckpt = sending(calls, every=10)
+
+    async def main():
+        ckpt.offsets[("in", 0)] = 1
+        ckpt.count = 10
+        await ckpt.advance()  # nothing in flight: taken, and landing (the broker waits)
+        assert ckpt.landing
+        ckpt.buffer("out").append((None, b"b", None, 0))
+        ckpt.offsets[("in", 0)] = 2
+        ckpt.count = 10
+        await asyncio.wait_for(ckpt.advance(), 1)  # not held by the landing: sent ahead instead
+        assert calls == [("send", {"out": [(None, b"b", None, 0)]})]
+        ckpt.count = 20  # twice commit_every collected: now the runner waits for the landing
+        advancing = asyncio.ensure_future(ckpt.advance())
+        await asyncio.sleep(0.01)
+        assert not advancing.done()
+        ckpt.broker.release.set()
+        await asyncio.wait_for(advancing, 1)
+        await ckpt.landed()
+
+    asyncio.run(main())
+    assert calls == [("send", {"out": [(None, b"b", None, 0)]}),
+                     ("commit", {}, 0, {("in", 0): 1}),
+                     ("commit", {}, 1, {("in", 0): 2})]
+
+
 def test_commit_on_the_embedded_broker_partitions_outputs_by_key(tmp_path):
     async def main():
         broker = LocalBroker(str(tmp_path / "db"), pipes.Settings(partitions=4))

@@ -66,9 +66,11 @@ KEYS = 1000
 PARTITIONS = 6
 NODE = "aggregate"
 POLL = int(os.environ.get("KAFKA_FAULT_POLL", "10"))  # records per poll and per checkpoint
-# Outputs a fault may send twice: those of the checkpoint it abandons (one poll of at most
-# POLL records). Only the SIGKILL abandons one; clean revocations and SIGTERM none.
-DUPLICATES_ALLOWED = 3 * POLL
+# Outputs a fault may send twice: those produced since the last checkpoint that landed, i.e.
+# the checkpoint in flight and the outputs sent ahead meanwhile. The runner takes a checkpoint
+# at commit_every (= POLL) messages, or goes on while one lands up to twice that plus one poll:
+# at most 2 x 3 x POLL. Only the SIGKILL abandons any; clean revocations and SIGTERM none.
+DUPLICATES_ALLOWED = 6 * POLL
 # PIPES_TEST_KAFKA_TXN_BROKER: a broker with transactions, for the exactly-once variant.
 TXN_BROKER = os.environ.get("PIPES_TEST_KAFKA_TXN_BROKER")
 

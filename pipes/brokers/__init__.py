@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
@@ -44,9 +44,12 @@ class Changes:
     sources: dict[str, bytes] = field(default_factory=dict)  # source node id -> checkpoint
     # Exactly-once on Kafka: outputs per input partition that caused them (its transaction).
     scoped: dict[tuple[str, int] | None, dict[str, list[Output]]] = field(default_factory=dict)
+    # Outputs already handed to the broker (Broker.send_ahead): their acks, to wait for.
+    sent: list[Awaitable] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.outputs or self.records or self.offsets or self.state or self.sources or self.scoped)
+        return bool(self.outputs or self.records or self.offsets or self.state or self.sources or self.scoped
+                    or self.sent)
 
     def by_partition(self, partitions: Callable[[str], int]) -> dict[tuple[str, int], list[Output]]:
         """`records` plus `outputs` divided among partitions (murmur2 of the key, else CRC of the value)."""
@@ -83,6 +86,10 @@ class Broker(Protocol):
     url: str
     store: Store
     scoped: bool  # wants outputs kept per input partition (Changes.scoped): Kafka transactions
+    # Kafka, at least once: send_ahead(outputs) starts producing outputs before the checkpoint
+    # that covers them, which then waits for their acks (Changes.sent). local:// has one
+    # atomic write batch per checkpoint instead.
+    sends_ahead: bool
 
     async def open(self, graph: Graph, topologies: Sequence[Topology]) -> None: ...  # creates topics
     async def close(self) -> None: ...

@@ -8,7 +8,8 @@ checkpoints live in the topology's one-partition lease topic
 
 A checkpoint (:meth:`KafkaBroker.commit`) is made durable in this order:
 
-1. produce the outputs and wait for their acks;
+1. produce the outputs and wait for their acks (outputs are mostly sent ahead, as each
+   batch is processed: :meth:`KafkaBroker.send_ahead`; the checkpoint waits for those);
 2. produce changelog records and source checkpoints (each changelog record carries the
    processed input offsets in a ``pipes.offsets`` header) and wait for their acks;
 3. write keyed state, processed offsets and changelog positions to RocksDB in one batch;
@@ -17,7 +18,8 @@ A checkpoint (:meth:`KafkaBroker.commit`) is made durable in this order:
 So a changelog record at input offset X means every output up to X is durable. After
 a crash, processing resumes at the larger of the committed offset and the processed
 offset recorded with the state: keyed state is exactly-once, outputs at-least-once
-(duplicates bounded by one checkpoint), and nothing is lost.
+(duplicates bounded by about two checkpoints: the one in flight and what was sent ahead
+since), and nothing is lost.
 
 With ``guarantee="exactly_once"`` steps 1, 2 and 4 are one Kafka transaction per input
 partition: what the records of that partition caused (outputs, dead letters, changelog
@@ -139,6 +141,9 @@ class KafkaBroker:
         self._replication: dict[str, int] = {}
         self.produced: dict[tuple[str, int], int] = {}  # next offset after what this process produced
         self.scoped = settings.guarantee == "exactly_once"  # a transaction per input partition
+        # At least once, outputs may be produced before the checkpoint that covers them (send_ahead).
+        self.sends_ahead = not self.scoped
+        self._sending = asyncio.Lock()  # outputs are enqueued in the order they were handed over
         self._isolation = "read_committed" if self.scoped else "read_uncommitted"
         self._txn: dict[tuple[str, int], AIOKafkaProducer] = {}  # input partition -> its transactional producer
 
@@ -370,15 +375,13 @@ class KafkaBroker:
                       for tp, outputs in changes.scoped.items()}
         else:
             records = changes.by_partition(self.partitions)
-        if self._creating:
-            creating, self._creating = self._creating, {}
-            await asyncio.gather(*creating.values())
         logs = self._logs(group, changes)
         if transactional:
+            await self._created()
             ends = await self._transactions(group, scoped, changes.offsets, logs)
         else:
-            # 1. outputs, acknowledged
-            await self._produce(records)
+            # 1. outputs, acknowledged (with those sent ahead of this checkpoint)
+            await asyncio.gather(self._send(records), *changes.sent)
             # 2. changelogs and source checkpoints, acknowledged: what they record is durable
             ends = await self._produce(logs)
         # 3. state, processed offsets and changelog positions, in one write batch
@@ -468,10 +471,30 @@ class KafkaBroker:
                               f"failed: {type(e).__name__}: {e}") from e
         return ends
 
+    def send_ahead(self, outputs: dict[str, list]) -> asyncio.Future:
+        """Start producing `outputs` now, ahead of the checkpoint that will cover them (which
+        waits for the acks this future gives)."""
+        return asyncio.ensure_future(self._send(Changes(outputs=outputs).by_partition(self.partitions)))
+
+    async def _send(self, records: dict[tuple[str, int], list]) -> dict[tuple[str, int], int]:
+        """Outputs on the worker's producer, enqueued in the order they were handed over."""
+        async with self._sending:
+            await self._created()
+            futures = await self._enqueue(records, self.producer)
+        return await self._acked(futures)
+
+    async def _created(self) -> None:
+        """Wait for the topics being created (an undeclared topic's first use)."""
+        if self._creating:
+            creating, self._creating = self._creating, {}
+            await asyncio.gather(*creating.values())
+
     async def _produce(self, records: dict[tuple[str, int], list], producer: AIOKafkaProducer | None = None
                        ) -> dict[tuple[str, int], int]:
         """Send every record in batches and wait for all acks; returns each partition's next offset."""
-        producer = producer or self.producer
+        return await self._acked(await self._enqueue(records, producer or self.producer))
+
+    async def _enqueue(self, records: dict[tuple[str, int], list], producer: AIOKafkaProducer) -> list:
         futures = []
         for (topic, p), outputs in records.items():
             start = 0
@@ -482,6 +505,9 @@ class KafkaBroker:
                     raise BrokerError(f"a record of {len(outputs[start][1])} bytes is larger than a batch to {topic!r}")
                 futures.append((topic, p, count, await producer.send_batch(batch, topic, partition=p)))
                 start += count
+        return futures
+
+    async def _acked(self, futures: list) -> dict[tuple[str, int], int]:
         ends: dict[tuple[str, int], int] = {}
         try:
             metas = await asyncio.gather(*(f for *_, f in futures))

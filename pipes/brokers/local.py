@@ -50,6 +50,7 @@ def _log_prefix(topic: str, partition: int) -> bytes:
 
 class LocalBroker:
     scoped = False  # one write batch makes a whole checkpoint atomic: no transactions to scope
+    sends_ahead = False  # nor outputs to send before it
 
     def __init__(self, path: str | None, settings: Settings, *, read_only: bool = False, url: str = "local://"):
         self.url = url
