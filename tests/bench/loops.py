@@ -5,6 +5,10 @@
   loop people write first.
 * batched: ``getmany`` -> decode/call/encode the batch -> ``create_batch``/``send_batch``
   -> wait for the acks -> commit. The practical ceiling of a one-process aiokafka loop.
+* forward (the latency run only): ``getmany`` with pipes' fetch settings -> the batch
+  decoded, called and encoded -> ``send_batch``, never waiting for an ack and never
+  committing. No guarantee at all: the floor of end-to-end latency through one aiokafka
+  process on this broker.
 
 The keyed count keeps its counts in a dict (no changelog, no durable state): for the
 loops it is the same per-message work without what makes pipes' state recoverable.
@@ -19,6 +23,8 @@ from typing import Callable
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from pipes.brokers.kafka import FETCH_DEFAULTS
 
 from .functions import count, enrich, keep_tenth, stamp, tier
 
@@ -59,11 +65,13 @@ async def run_loop(spec: dict) -> dict:
     """Consume spec["in_topic"] until spec["n"] inputs are done (or, in the latency mode,
     until SIGTERM); returns the first-batch and last-ack times (time.monotonic())."""
     batched = spec["runner"] == "batched"
+    forward = spec["runner"] == "forward"
     process = processor(spec["workload"])
     n = spec.get("n") or 0
     out_topic = spec["out_topic"]
+    fetch = FETCH if batched else FETCH_DEFAULTS if forward else {}
     consumer = AIOKafkaConsumer(spec["in_topic"], bootstrap_servers=spec["bootstrap"], group_id=spec["group"],
-                                enable_auto_commit=False, auto_offset_reset="earliest", **(FETCH if batched else {}))
+                                enable_auto_commit=False, auto_offset_reset="earliest", **fetch)
     producer = AIOKafkaProducer(bootstrap_servers=spec["bootstrap"], acks="all",
                                 **(dict(max_batch_size=1 << 20, max_request_size=16 << 20) if batched else {}))
     stop = asyncio.Event()
@@ -80,6 +88,9 @@ async def run_loop(spec: dict) -> dict:
             if t_first is None:
                 t_first = time.monotonic()
             batches += 1
+            if forward:
+                await _send_batched(producer, out_topic, process, batch, acked=False)
+                continue
             if batched:
                 await _send_batched(producer, out_topic, process, batch)
             else:
@@ -98,7 +109,8 @@ async def run_loop(spec: dict) -> dict:
     return {"t_first": t_first, "t_last": t_last, "consumed": consumed, "batches": batches}
 
 
-async def _send_batched(producer: AIOKafkaProducer, topic: str, process: Process, batch: dict) -> None:
+async def _send_batched(producer: AIOKafkaProducer, topic: str, process: Process, batch: dict,
+                        acked: bool = True) -> None:
     futures = []
     for msgs in batch.values():
         out = producer.create_batch()
@@ -119,4 +131,5 @@ async def _send_batched(producer: AIOKafkaProducer, topic: str, process: Process
         if held:
             out.close()
             futures.append(await producer.send_batch(out, topic, partition=0))
-    await asyncio.gather(*futures)
+    if acked:
+        await asyncio.gather(*futures)

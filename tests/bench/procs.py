@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PEERS_VENV = os.path.join(ROOT, ".venv-peers")
 PEERS_PYTHON = os.path.join(PEERS_VENV, "bin", "python")
 # runner -> the module its child runs
-MODULES = {"pipes": "tests.bench.child", "naive": "tests.bench.child", "batched": "tests.bench.child",
-           "rocksdict": "tests.bench.child", "quickstart": "tests.bench.child", "quix": "tests.bench.peer_quix", "faust": "tests.bench.peer_faust"}
+MODULES = {**dict.fromkeys(("pipes", "naive", "batched", "forward", "rocksdict", "quickstart"), "tests.bench.child"),
+           "quix": "tests.bench.peer_quix", "faust": "tests.bench.peer_faust"}
 PEERS = ("quix", "faust")
 
 

@@ -44,7 +44,7 @@ from .functions import N_USERS, encode_inputs, make_value
 from .workloads import WORKLOADS
 
 BROKERS = ("local", "memory", "kafka")
-RUNNERS = ("pipes", "naive", "batched", "quix", "faust", "rocksdict")
+RUNNERS = ("pipes", "naive", "batched", "forward", "quix", "faust", "rocksdict")
 ALL = (*suite.THROUGHPUT, "latency")
 
 

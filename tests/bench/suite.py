@@ -20,6 +20,7 @@ from .workloads import Wrong
 
 THROUGHPUT = ("stateless", "chain3", "keyed", "filter")
 KAFKA_RUNNERS = ("naive", "batched", "pipes", "quix", "faust")
+LATENCY_ONLY = ("forward",)  # the latency floor: no acks awaited, no commits (tests/bench/loops.py)
 LOCAL_RUNNERS = ("pipes", "rocksdict")
 TIMEOUT = 180.0  # seconds one child may take before its row counts as failed
 
@@ -143,7 +144,7 @@ def bench_kafka(plan: Plan) -> list[dict]:
                                    for _ in range(plan.repeat)]))
                 _say(rows[-1])
         if "latency" in plan.workloads:
-            for runner in runners:
+            for runner in runners + [r for r in LATENCY_ONLY if r in plan.runners]:
                 rows.append(_best([kafka_latency(url, runner, plan) for _ in range(plan.repeat)]))
                 _say(rows[-1])
     return rows
