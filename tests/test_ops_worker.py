@@ -200,15 +200,18 @@ def test_a_topology_that_keeps_crashing_makes_the_worker_give_up_with_exit_1(tmp
 
 
 PROGRESS_APP = '''
+import time
+
 import pipes
 
 app = pipes.App("progress")
+STARTED = time.monotonic()
 
 
 @app.source(to="numbers")
-def numbers(state):
+def numbers(state):  # for 1.5 s, however fast the machine: the line is redrawn every 0.5 s
     i = state.get("i", 0)
-    if i == 300_000:
+    if time.monotonic() - STARTED > 1.5:
         return None
     state["i"] = i + 1
     return i
@@ -246,7 +249,7 @@ def test_a_long_run_shows_a_progress_line_on_a_terminal_only(tmp_path):
     lines = re.findall(r"\r\x1b\[Kpipes: ([\d,]+) messages, ([\d,]+) msg/s, lag ([\d,]+), \d+ s", text)
     assert lines, text
     assert int(lines[-1][0].replace(",", "")) > 0
-    assert "processed 300000 messages" in text  # the summary after the erased progress line
+    assert re.search(r"\r\x1b\[Kpipes: processed \d+ messages", text)  # the summary, after the erased line
 
     piped = worker(app, tmp_path / "piped", "--until-done")
     _, err = piped.communicate(timeout=60)
