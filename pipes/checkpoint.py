@@ -73,15 +73,11 @@ class Checkpoint:
         self._flight: asyncio.Task | None = None  # the last checkpoint taken, until it has landed
         # Kafka at least once: outputs are handed to the broker before the checkpoint that covers
         # them is taken (send_ahead), so they need not wait for the one in flight to land.
-        self.sends_ahead = sends_ahead and not scoped
+        self.sends_ahead = sends_ahead
         self._sent: list[asyncio.Future] = []  # their acks, until that checkpoint takes them
         self._reset()
 
     def _reset(self) -> None:
-        # Buffers are emptied in place: sources and nodes may hold them across an await.
-        for outputs in self.scopes.values():
-            for buf in outputs.values():
-                buf.clear()
         self.offsets: dict[tuple[str, int], int] = {}
         self.count = 0  # messages consumed or produced since the last checkpoint
         self.started = time.monotonic()
@@ -125,12 +121,10 @@ class Checkpoint:
         return self._flight is not None and not self._flight.done()
 
     async def advance(self) -> None:
-        """The checkpoint is due: take it; or, while the last one is still landing, send the
-        outputs ahead (``sends_ahead``) and take it once that one has landed, which wakes the
-        runner; the runner polls meanwhile. Up to twice ``commit_every`` is collected so."""
-        if self.sends_ahead and self.landing and self.count < 2 * self.commit_every:
-            self.send_ahead()
-        else:
+        """The checkpoint is due: take it. With outputs sent ahead, not while the last one is
+        still landing and less than twice ``commit_every`` is collected: it is taken once that
+        one has landed (which wakes the runner), and the runner polls meanwhile."""
+        if not (self.sends_ahead and self.landing and self.count < 2 * self.commit_every):
             await self.commit(wait=False)
 
     async def room(self) -> None:
@@ -142,28 +136,22 @@ class Checkpoint:
     def send_ahead(self) -> None:
         """Hand the outputs buffered so far to the broker now (``sends_ahead`` only): it
         produces them while the runner goes on, and the next checkpoint waits for their acks."""
-        outputs = self.outputs
-        taken = {t: list(o) for t, o in outputs.items() if o}
+        taken = _take(self.outputs)
         if taken:
-            for buf in outputs.values():
-                buf.clear()
             sent = self.broker.send_ahead(taken)
             sent.add_done_callback(_retrieved)
             self._sent.append(sent)
 
     async def commit(self, *, wait: bool = True) -> None:
         """Take a checkpoint of everything since the last one, once that one has landed; with
-        `wait`, return when this one has landed too, else while the broker still works on it.
-        Outputs are sent ahead first (``sends_ahead``): they need not wait for the landing."""
-        if self.sends_ahead and self._flight is not None:
-            self.send_ahead()
+        `wait`, return when this one has landed too, else while the broker still works on it."""
         await self.landed()
         for sink in self.sinks:
             await sink.flush(self)
         changes = Changes(offsets=self.offsets, sent=self._sent)
         self._sent = []
         for scope, outputs in self.scopes.items():
-            taken = {t: list(o) for t, o in outputs.items() if o}
+            taken = _take(outputs)
             if taken and not self.scoped:
                 changes.outputs = taken
             elif taken:
@@ -219,6 +207,16 @@ class Checkpoint:
             hook()
         committed, self._committed = self._committed, asyncio.Event()
         committed.set()
+
+
+def _take(outputs: dict[str, list]) -> dict[str, list]:
+    """The buffered outputs per topic, the buffers emptied in place (nodes and sources hold
+    them across an await)."""
+    taken = {t: list(o) for t, o in outputs.items() if o}
+    if taken:
+        for buf in outputs.values():
+            buf.clear()
+    return taken
 
 
 def _retrieved(future: asyncio.Future) -> None:

@@ -214,14 +214,14 @@ class TopologyRunner:
                     await self._tick(ckpt)
                 ckpt.count += n
                 self.processed += n
-                # Without sending ahead, a checkpoint is taken as soon as the input is drained, so a
-                # lone message's outputs are not held; outputs sent ahead are on their way already,
-                # so then it waits for a pause in the input (or commit_every, or commit_interval).
+                # Outputs sent ahead are on their way at once, so their checkpoint waits for a
+                # pause in the input (or commit_every, or commit_interval); without sending ahead,
+                # it is taken as soon as the input is drained, so a lone message is not held.
+                if ckpt.sends_ahead:
+                    ckpt.send_ahead()
                 if ckpt.due(backlog=n > 0 if ckpt.sends_ahead else n >= max_records):
                     # The broker makes it durable while the next batch is processed.
                     await ckpt.advance()
-                elif ckpt.sends_ahead:
-                    ckpt.send_ahead()
 
     def _poll_timeout(self, ckpt: Checkpoint) -> float:
         """How long a poll may wait for input: not at all while a checkpoint waits to be taken

@@ -281,7 +281,8 @@ def test_while_a_checkpoint_lands_the_next_outputs_go_ahead_and_the_runner_is_no
         ckpt.buffer("out").append((None, b"b", None, 0))
         ckpt.offsets[("in", 0)] = 2
         ckpt.count = 10
-        await asyncio.wait_for(ckpt.advance(), 1)  # not held by the landing: sent ahead instead
+        ckpt.send_ahead()  # as the runner does after each batch
+        await asyncio.wait_for(ckpt.advance(), 1)  # not held by the landing
         assert calls == [("send", {"out": [(None, b"b", None, 0)]})]
         ckpt.count = 20  # twice commit_every collected: now the runner waits for the landing
         advancing = asyncio.ensure_future(ckpt.advance())
